@@ -1,0 +1,19 @@
+//! The vmpod agent API.
+//!
+//! The daemon talks to the agent (PID 1 of a pod VM, or a host process for
+//! the host sandbox backend) with this gRPC service over hybrid vsock or a
+//! unix socket. The package is versioned: `vmpod.agent.v1` only ever grows
+//! compatibly; a breaking change is a new package.
+
+/// Version 1 of the agent API.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("vmpod.agent.v1");
+}
+
+/// The vsock port the agent listens on inside a guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The line the agent prints on its console once it serves the API. The
+/// VMM, the QEMU launcher and the tests wait for it.
+pub const READY_LINE_PREFIX: &str = "vmpod-agent: ready";
