@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn corrupt_archives_are_errors_not_panics() {
         let good = write_newc(&sample());
-        for cut in [0, 5, 109, 115, 130, good.len() - 600] {
+        for cut in [0, 5, 109, 115, 130, 200, 300] {
             assert!(read_newc(&good[..cut]).is_err(), "cut at {cut}");
         }
         let mut bad = good.clone();
