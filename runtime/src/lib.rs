@@ -4,5 +4,6 @@
 //! This crate is the host side: the guest image tooling, the hypervisor
 //! launchers and, as they land, the daemon and the VMM.
 
+pub mod agent_client;
 pub mod guest;
 pub mod hypervisor;

@@ -71,3 +71,5 @@ pub fn sha256_digest(data: &[u8]) -> String {
     }
     s
 }
+
+pub mod sandbox;

@@ -71,6 +71,10 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// Appended to the kernel command line vmpod needs.
     pub extra_cmdline: String,
+    /// The vhost-user socket of a running `vhost-device-vsock` (see
+    /// [`VhostVsock`]): gives the guest a vsock device whose host side is
+    /// that daemon's hybrid vsock socket.
+    pub vhost_user_vsock: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -84,6 +88,7 @@ impl QemuConfig {
             vcpus: 1,
             memory_mib: 256,
             extra_cmdline: String::new(),
+            vhost_user_vsock: None,
         }
     }
 
@@ -103,14 +108,19 @@ impl QemuConfig {
     /// The full QEMU command. The serial console is QEMU's stdout.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
-        cmd.args(["-M", "microvm,acpi=off"])
-            .args(self.accel.qemu_args())
-            .args([
-                "-smp",
-                &self.vcpus.to_string(),
-                "-m",
-                &format!("{}M", self.memory_mib),
-            ])
+        let memory = format!("{}M", self.memory_mib);
+        if self.vhost_user_vsock.is_some() {
+            // vhost-user devices need guest RAM the backend can map: a shared memfd.
+            cmd.args(["-M", "microvm,acpi=off,memory-backend=mem"])
+                .args([
+                    "-object",
+                    &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
+                ]);
+        } else {
+            cmd.args(["-M", "microvm,acpi=off"]);
+        }
+        cmd.args(self.accel.qemu_args())
+            .args(["-smp", &self.vcpus.to_string(), "-m", &memory])
             .args([
                 "-nodefaults",
                 "-no-user-config",
@@ -124,6 +134,13 @@ impl QemuConfig {
             .arg("-initrd")
             .arg(&self.initramfs)
             .args(["-append", &self.cmdline()]);
+        if let Some(socket) = &self.vhost_user_vsock {
+            let mut chardev = std::ffi::OsString::from("socket,id=vsock0,path=");
+            chardev.push(socket);
+            cmd.arg("-chardev")
+                .arg(chardev)
+                .args(["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+        }
         cmd
     }
 
@@ -218,6 +235,97 @@ impl QemuConfig {
     }
 }
 
+/// A `vhost-device-vsock` process (rust-vmm): the vsock backend for a QEMU
+/// guest. It serves QEMU on a vhost-user socket and exposes the same hybrid
+/// vsock unix socket as vmpod's VMM (`CONNECT <port>`/`OK <port>`). Killed
+/// on drop.
+#[derive(Debug)]
+pub struct VhostVsock {
+    child: Child,
+    /// For QEMU: `QemuConfig::vhost_user_vsock`.
+    pub vhost_socket: PathBuf,
+    /// For the host side: the hybrid vsock socket.
+    pub uds: PathBuf,
+}
+
+impl VhostVsock {
+    /// The program, found on PATH or in ~/.cargo/bin (`cargo install
+    /// vhost-device-vsock`).
+    pub fn binary() -> PathBuf {
+        let name = "vhost-device-vsock";
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        });
+        on_path
+            .or_else(|| {
+                let home = std::env::var_os("HOME")?;
+                Some(PathBuf::from(home).join(".cargo/bin").join(name)).filter(|p| p.is_file())
+            })
+            .unwrap_or_else(|| name.into())
+    }
+
+    /// Starts the backend for guest `cid` with its sockets in `dir`, and
+    /// waits (up to `timeout`) until QEMU can connect to it.
+    pub fn start(dir: &std::path::Path, cid: u32, timeout: Duration) -> Result<Self, QemuError> {
+        let vhost_socket = dir.join("vhost-vsock.sock");
+        let uds = dir.join("vsock.sock");
+        let binary = Self::binary();
+        // Its log stays beside its sockets for post-mortems.
+        let log = std::fs::File::create(dir.join("vhost-device-vsock.log")).map_err(|source| {
+            QemuError::Spawn {
+                binary: binary.display().to_string(),
+                source,
+            }
+        })?;
+        let child = Command::new(&binary)
+            .arg("--guest-cid")
+            .arg(cid.to_string())
+            .arg("--socket")
+            .arg(&vhost_socket)
+            .arg("--uds-path")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                binary: binary.display().to_string(),
+                source,
+            })?;
+        let mut daemon = VhostVsock {
+            child,
+            vhost_socket,
+            uds,
+        };
+        let deadline = Instant::now() + timeout;
+        while !daemon.vhost_socket.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                return Err(QemuError::Exited {
+                    status: status.to_string(),
+                    console: String::new(),
+                    stderr: format!("{} exited before creating its socket", binary.display()),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::MissingFile {
+                    path: daemon.vhost_socket.display().to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+}
+
+impl Drop for VhostVsock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running QEMU guest; killed on drop.
 #[derive(Debug)]
 pub struct RunningGuest {
@@ -250,6 +358,11 @@ impl RunningGuest {
     /// QEMU's process ID.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// QEMU's exit status once it has exited by itself.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits up to `timeout` for QEMU to exit by itself (the guest ended),
@@ -316,6 +429,34 @@ mod tests {
         assert!(args.iter().any(|a| a == "-no-reboot"), "{joined}");
         assert!(cfg.cmdline().contains("reboot=t"));
         assert!(cfg.cmdline().starts_with("console=ttyS0"));
+    }
+
+    #[test]
+    fn vhost_user_vsock_needs_shared_guest_memory() {
+        let mut cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
+        cfg.vhost_user_vsock = Some("/run/v.sock".into());
+        let joined: Vec<String> = cfg
+            .command()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = joined.join(" ");
+        assert!(
+            joined.contains("-M microvm,acpi=off,memory-backend=mem"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-chardev socket,id=vsock0,path=/run/v.sock"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-device vhost-user-vsock-device,chardev=vsock0"),
+            "{joined}"
+        );
     }
 
     #[test]

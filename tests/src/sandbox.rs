@@ -1,0 +1,143 @@
+//! The two places an agent runs, as test fixtures: a host process on a unix
+//! socket, and PID 1 of a QEMU microvm (TCG) reached over hybrid vsock
+//! through `vhost-device-vsock`. Suites take a [`Backend`] parameter and run
+//! against both.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use vmpod::agent_client::{self, AgentAddr};
+use vmpod::hypervisor::qemu::{Accel, QemuConfig, RunningGuest, VhostVsock};
+use vmpod_proto::v1::agent_client::AgentClient;
+
+use crate::{artefact, require_program, static_agent};
+
+/// Where the agent under test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `vmpod-agent --listen unix:PATH` as a host process.
+    Host,
+    /// PID 1 of a QEMU microvm under TCG, over hybrid vsock.
+    QemuTcg,
+}
+
+/// A running agent; everything it started is stopped on drop.
+pub struct Sandbox {
+    pub backend: Backend,
+    pub addr: AgentAddr,
+    pub dir: tempfile::TempDir,
+    host_agent: Option<Child>,
+    guest: Option<RunningGuest>,
+    _vsock: Option<VhostVsock>,
+}
+
+impl Sandbox {
+    /// Starts an agent on `backend`; panics with a clear message if what it
+    /// needs (binaries, the guest image, QEMU) is missing.
+    pub fn start(backend: Backend) -> Sandbox {
+        let dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Host => {
+                let socket = dir.path().join("agent.sock");
+                let child = Command::new(static_agent())
+                    .arg("--listen")
+                    .arg(format!("unix:{}", socket.display()))
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .expect("spawning the agent");
+                Sandbox {
+                    backend,
+                    addr: AgentAddr::Unix(socket),
+                    dir,
+                    host_agent: Some(child),
+                    guest: None,
+                    _vsock: None,
+                }
+            }
+            Backend::QemuTcg => {
+                require_program("qemu-system-x86_64", "qemu-system-x86");
+                let binary = VhostVsock::binary();
+                assert!(
+                    binary.is_file(),
+                    "vhost-device-vsock is not installed: `cargo install vhost-device-vsock --locked` (scripts/install-deps does)"
+                );
+                let vsock = VhostVsock::start(dir.path(), 3, Duration::from_secs(10))
+                    .expect("starting vhost-device-vsock");
+                let mut cfg =
+                    QemuConfig::new(artefact("vmlinux"), artefact("initramfs.cpio"), Accel::Tcg);
+                cfg.vhost_user_vsock = Some(vsock.vhost_socket.clone());
+                let guest = match cfg.boot_until_ready(Duration::from_secs(120)) {
+                    Ok(g) => g,
+                    Err(e) => panic!("the guest did not reach the agent: {e}"),
+                };
+                Sandbox {
+                    backend,
+                    addr: AgentAddr::HybridVsock {
+                        uds: vsock.uds.clone(),
+                        port: vmpod_proto::AGENT_VSOCK_PORT,
+                    },
+                    dir,
+                    host_agent: None,
+                    guest: Some(guest),
+                    _vsock: Some(vsock),
+                }
+            }
+        }
+    }
+
+    /// A client that has seen the agent answer Health.
+    pub async fn client(&self) -> AgentClient<Channel> {
+        match agent_client::connect_ready(&self.addr, Duration::from_secs(60)).await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "agent on {:?} not reachable: {e}\nconsole:\n{}",
+                self.backend,
+                self.console()
+            ),
+        }
+    }
+
+    /// The guest console so far (empty for host agents).
+    pub fn console(&self) -> String {
+        self.guest
+            .as_ref()
+            .map(|g| g.console().join("\n"))
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the sandbox to end by itself (after
+    /// Shutdown): the agent process exits, or QEMU exits because the guest
+    /// rebooted. Returns whether it ended with success.
+    pub fn wait_ended(&mut self, timeout: Duration) -> bool {
+        if let Some(child) = &mut self.host_agent {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return status.success();
+                }
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let guest = self.guest.as_mut().expect("a guest or a host agent");
+        guest.wait_exit(timeout) && guest.exit_status().is_some_and(|s| s.success())
+    }
+
+    /// The working directory of this sandbox.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.host_agent {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
