@@ -106,6 +106,7 @@ const MOUNTS: &[Mount] = &[
 
 /// Sets the guest up. Called first thing as PID 1, before any logging.
 pub fn setup() -> Result<(), InitError> {
+    switch_root_to_tmpfs()?;
     for m in MOUNTS {
         fs::DirBuilder::new()
             .recursive(true)
@@ -137,6 +138,45 @@ pub fn setup() -> Result<(), InitError> {
     }
     loopback_up().map_err(InitError::Loopback)?;
     Ok(())
+}
+
+/// The initramfs is the kernel's rootfs, which pivot_root(2) cannot leave:
+/// every container start would fail. So the agent moves a fresh tmpfs over
+/// `/` and chroots into it (what switch_root does); containers then pivot
+/// from a root that has a parent mount. The agent binary stays reachable
+/// through /proc/self/exe for the libcontainer helper.
+fn switch_root_to_tmpfs() -> Result<(), InitError> {
+    const NEW_ROOT: &str = "/newroot";
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(NEW_ROOT)
+        .map_err(|source| InitError::Create {
+            path: NEW_ROOT,
+            source,
+        })?;
+    mount(
+        Some("rootfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|source| InitError::Mount {
+        fstype: "tmpfs",
+        target: NEW_ROOT,
+        source,
+    })?;
+    let switch = || -> nix::Result<()> {
+        nix::unistd::chdir(NEW_ROOT)?;
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+        nix::unistd::chroot(".")?;
+        nix::unistd::chdir("/")
+    };
+    switch().map_err(|source| InitError::Mount {
+        fstype: "tmpfs (switch root)",
+        target: "/",
+        source,
+    })
 }
 
 /// The initramfs has no /dev/console, so the kernel started us with no
@@ -190,33 +230,6 @@ fn loopback_up() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// PID 1 inherits every orphan in the guest; reap them on SIGCHLD so they
-/// do not pile up as zombies, and cost nothing while the guest is idle. The
-/// agent does not spawn children of its own yet; when it does, its process
-/// table takes their statuses from here.
-pub async fn reap_orphans() {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigchld = match signal(SignalKind::child()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGCHLD, orphans will not be reaped: {e}");
-            return;
-        }
-    };
-    loop {
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        if sigchld.recv().await.is_none() {
-            return;
-        }
-    }
 }
 
 /// Ends the VM. A guest without ACPI cannot power off, so the agent reboots:

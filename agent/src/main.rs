@@ -1,16 +1,21 @@
 //! vmpod-agent: PID 1 of a pod VM, or a host process for the host sandbox
 //! backend. Serves the `vmpod.agent.v1` API on vsock (guest) or a unix
-//! socket (host).
+//! socket (host) and runs the pod's containers with libcontainer.
 //!
 //! Usage:
 //!   vmpod-agent                          as PID 1: guest mode, vsock port 1024
-//!   vmpod-agent --listen unix:PATH       host mode
-//!   vmpod-agent --listen vsock:PORT      any mode, explicit vsock port
+//!   vmpod-agent --listen unix:PATH [--state-dir DIR] [--cgroup-parent PATH]
+//!                                        host mode
+//!   vmpod-agent __libcontainer ...       internal: see container::helper
 
+mod container;
 mod init;
+mod process;
+mod sandbox;
 mod server;
 mod transport;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use transport::Listen;
@@ -20,7 +25,7 @@ use transport::Listen;
 pub enum Mode {
     /// PID 1 of a guest: mounts the basics, reaps orphans, ends the VM on exit.
     Guest,
-    /// A host process in namespaces the daemon made.
+    /// A host process; the pod's namespaces come from the daemon.
     Host,
 }
 
@@ -36,6 +41,8 @@ impl Mode {
 #[derive(Debug)]
 struct Args {
     listen: Listen,
+    state_dir: PathBuf,
+    cgroup_parent: String,
 }
 
 fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args, String> {
@@ -43,12 +50,20 @@ fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args
         Mode::Guest => Some(Listen::Vsock(vmpod_proto::AGENT_VSOCK_PORT)),
         Mode::Host => None,
     };
+    let mut state_dir = PathBuf::from("/run/vmpod-agent");
+    let mut cgroup_parent = String::from("/vmpod");
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--listen" => {
-                let value = args.next().ok_or("--listen needs a value")?;
-                listen = Some(value.parse()?);
+            "--listen" => listen = Some(args.next().ok_or("--listen needs a value")?.parse()?),
+            "--state-dir" => state_dir = args.next().ok_or("--state-dir needs a value")?.into(),
+            "--cgroup-parent" => {
+                cgroup_parent = args.next().ok_or("--cgroup-parent needs a value")?;
+                if !cgroup_parent.starts_with('/') || cgroup_parent.split('/').any(|c| c == "..") {
+                    return Err(format!(
+                        "--cgroup-parent {cgroup_parent:?} must be an absolute cgroup path"
+                    ));
+                }
             }
             "--version" => return Err(format!("vmpod-agent {}", env!("CARGO_PKG_VERSION"))),
             // As PID 1 the kernel hands over command-line words it did not
@@ -58,10 +73,48 @@ fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args
         }
     }
     let listen = listen.ok_or("host mode needs --listen unix:PATH or --listen vsock:PORT")?;
-    Ok(Args { listen })
+    if !state_dir.is_absolute() {
+        return Err("--state-dir must be absolute".into());
+    }
+    Ok(Args {
+        listen,
+        state_dir,
+        cgroup_parent,
+    })
+}
+
+/// A host-mode agent gets private mount, UTS and IPC namespaces (its mounts
+/// never reach the host and vanish with it; hostname and shared memory are
+/// the pod's), and becomes the subreaper of its containers. Must run before
+/// any thread exists: unsharing the mount namespace needs that.
+fn isolate_host_agent() -> Result<(), String> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
+        .map_err(|e| format!("unsharing namespaces (needs root): {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))?;
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
+        return Err(format!(
+            "becoming a subreaper: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(container::helper::HELPER_ARG) {
+        return container::helper::main(&argv[2..]);
+    }
     let mode = if std::process::id() == 1 {
         Mode::Guest
     } else {
@@ -70,7 +123,7 @@ fn main() -> ExitCode {
     if mode == Mode::Guest {
         // Before anything logs: the console is not open yet.
         if let Err(e) = init::setup() {
-            init::fatal(&format!("vmpod-agent: guest setup failed: {e}"));
+            return init::fatal(&format!("vmpod-agent: guest setup failed: {e}"));
         }
     }
     tracing_subscriber::fmt()
@@ -80,42 +133,51 @@ fn main() -> ExitCode {
         .without_time()
         .init();
 
-    let args = match parse_args(mode, std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(msg) => {
-            eprintln!("vmpod-agent: {msg}");
-            return if mode == Mode::Guest {
-                init::fatal(&msg)
-            } else {
-                ExitCode::from(2)
-            };
+    let fail = |msg: String| -> ExitCode {
+        eprintln!("vmpod-agent: {msg}");
+        if mode == Mode::Guest {
+            init::fatal(&msg)
+        } else {
+            ExitCode::FAILURE
         }
     };
-
+    let args = match parse_args(mode, argv.into_iter().skip(1)) {
+        Ok(args) => args,
+        Err(msg) => return fail(msg),
+    };
+    if mode == Mode::Host {
+        if let Err(msg) = isolate_host_agent() {
+            return fail(msg);
+        }
+    }
+    if let Err(e) = std::fs::create_dir_all(&args.state_dir) {
+        return fail(format!("creating {}: {e}", args.state_dir.display()));
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            let msg = format!("vmpod-agent: cannot start the runtime: {e}");
-            return if mode == Mode::Guest {
-                init::fatal(&msg)
-            } else {
-                eprintln!("{msg}");
-                ExitCode::FAILURE
-            };
-        }
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    let result = runtime.block_on(server::run(mode, args.listen));
+    let result = runtime.block_on(server::run(
+        mode,
+        args.listen,
+        args.state_dir,
+        args.cgroup_parent,
+    ));
     drop(runtime);
     match (mode, result) {
         (Mode::Guest, Ok(())) => init::power_off(),
-        (Mode::Guest, Err(e)) => init::fatal(&format!("vmpod-agent: {e}")),
         (Mode::Host, Ok(())) => ExitCode::SUCCESS,
-        (Mode::Host, Err(e)) => {
-            eprintln!("vmpod-agent: {e}");
-            ExitCode::FAILURE
+        (_, Err(e)) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(cause) = src {
+                msg.push_str(&format!(": {cause}"));
+                src = cause.source();
+            }
+            fail(msg)
         }
     }
 }
@@ -132,13 +194,33 @@ mod tests {
     fn guest_defaults_to_the_agent_vsock_port_and_ignores_kernel_words() {
         let a = parse_args(Mode::Guest, args(&["quiet", "foo=bar"])).unwrap();
         assert_eq!(a.listen, Listen::Vsock(vmpod_proto::AGENT_VSOCK_PORT));
+        assert_eq!(a.state_dir, PathBuf::from("/run/vmpod-agent"));
     }
 
     #[test]
     fn host_requires_a_listen_address_and_rejects_strays() {
         assert!(parse_args(Mode::Host, args(&[])).is_err());
         assert!(parse_args(Mode::Host, args(&["--listen", "unix:/tmp/a.sock", "x"])).is_err());
-        let a = parse_args(Mode::Host, args(&["--listen", "unix:/tmp/a.sock"])).unwrap();
+        let a = parse_args(
+            Mode::Host,
+            args(&["--listen", "unix:/tmp/a.sock", "--state-dir", "/tmp/s"]),
+        )
+        .unwrap();
         assert_eq!(a.listen, Listen::Unix("/tmp/a.sock".into()));
+        assert_eq!(a.state_dir, PathBuf::from("/tmp/s"));
+        assert!(
+            parse_args(
+                Mode::Host,
+                args(&["--listen", "unix:/a", "--cgroup-parent", "../x"])
+            )
+            .is_err()
+        );
+        assert!(
+            parse_args(
+                Mode::Host,
+                args(&["--listen", "unix:/a", "--state-dir", "rel"])
+            )
+            .is_err()
+        );
     }
 }

@@ -1,5 +1,8 @@
 //! The `vmpod.agent.v1.Agent` gRPC service and the serve loop.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -7,6 +10,8 @@ use vmpod_proto::v1::agent_server::{Agent, AgentServer};
 use vmpod_proto::v1::*;
 
 use crate::Mode;
+use crate::container::Manager;
+use crate::process::ProcessTable;
 use crate::transport::{self, Listen, VsockConn};
 
 /// Errors that end the serve loop.
@@ -20,6 +25,8 @@ pub enum ServeError {
     },
     #[error("serving the agent API failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("preparing the sandbox")]
+    Prepare(#[source] crate::container::ContainerError),
 }
 
 /// The API package this agent serves.
@@ -27,6 +34,7 @@ const API_VERSION: &str = "vmpod.agent.v1";
 
 struct AgentService {
     mode: Mode,
+    manager: Arc<Manager>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -55,92 +63,157 @@ impl Agent for AgentService {
 
     async fn setup_sandbox(
         &self,
-        _: Request<SetupSandboxRequest>,
+        req: Request<SetupSandboxRequest>,
     ) -> Result<Response<SetupSandboxResponse>, Status> {
-        Err(not_yet("SetupSandbox"))
+        crate::sandbox::setup(&self.manager, &req.into_inner())?;
+        Ok(Response::new(SetupSandboxResponse {}))
     }
 
     async fn create_container(
         &self,
-        _: Request<CreateContainerRequest>,
+        req: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
-        Err(not_yet("CreateContainer"))
+        self.manager.create(req.into_inner()).await?;
+        Ok(Response::new(CreateContainerResponse {}))
     }
 
     async fn start_container(
         &self,
-        _: Request<StartContainerRequest>,
+        req: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
-        Err(not_yet("StartContainer"))
+        let pid = self.manager.start(&req.into_inner().container_id).await?;
+        Ok(Response::new(StartContainerResponse { pid }))
     }
 
     async fn remove_container(
         &self,
-        _: Request<RemoveContainerRequest>,
+        req: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerResponse>, Status> {
-        Err(not_yet("RemoveContainer"))
+        self.manager.remove(&req.into_inner().container_id).await?;
+        Ok(Response::new(RemoveContainerResponse {}))
     }
 
     async fn exec_process(
         &self,
-        _: Request<ExecProcessRequest>,
+        req: Request<ExecProcessRequest>,
     ) -> Result<Response<ExecProcessResponse>, Status> {
-        Err(not_yet("ExecProcess"))
+        let req = req.into_inner();
+        let process = req
+            .process
+            .ok_or_else(|| Status::invalid_argument("process is required"))?;
+        let pid = self
+            .manager
+            .exec(&req.container_id, &req.exec_id, process)
+            .await?;
+        Ok(Response::new(ExecProcessResponse { pid }))
     }
 
     type ReadOutputStream = tokio_stream::wrappers::ReceiverStream<Result<OutputChunk, Status>>;
 
     async fn read_output(
         &self,
-        _: Request<ReadOutputRequest>,
+        req: Request<ReadOutputRequest>,
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
-        Err(not_yet("ReadOutput"))
+        let req = req.into_inner();
+        let stderr = match read_output_request::Stream::try_from(req.stream) {
+            Ok(read_output_request::Stream::Stdout) => false,
+            Ok(read_output_request::Stream::Stderr) => true,
+            _ => return Err(Status::invalid_argument("stream must be STDOUT or STDERR")),
+        };
+        let mut chunks = self
+            .manager
+            .read_output(&req.container_id, &req.exec_id, stderr)?;
+        // Same bound as the reader: one chunk here, four there.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(chunk) = chunks.recv().await {
+                let item = chunk.map(|data| OutputChunk { data }).map_err(Status::from);
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn write_stdin(
         &self,
-        _: Request<tonic::Streaming<StdinChunk>>,
+        req: Request<tonic::Streaming<StdinChunk>>,
     ) -> Result<Response<WriteStdinResponse>, Status> {
-        Err(not_yet("WriteStdin"))
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Ok(Response::new(WriteStdinResponse { written: 0 }));
+        };
+        let (id, exec_id) = (first.container_id.clone(), first.exec_id.clone());
+        let mut written = 0u64;
+        let mut next = Some(first);
+        while let Some(chunk) = next {
+            if !chunk.data.is_empty() {
+                self.manager.write_stdin(&id, &exec_id, &chunk.data).await?;
+                written += chunk.data.len() as u64;
+            }
+            next = stream.message().await?;
+        }
+        Ok(Response::new(WriteStdinResponse { written }))
     }
 
     async fn close_stdin(
         &self,
-        _: Request<CloseStdinRequest>,
+        req: Request<CloseStdinRequest>,
     ) -> Result<Response<CloseStdinResponse>, Status> {
-        Err(not_yet("CloseStdin"))
+        let req = req.into_inner();
+        self.manager
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Response::new(CloseStdinResponse {}))
     }
 
     async fn resize_tty(
         &self,
-        _: Request<ResizeTtyRequest>,
+        req: Request<ResizeTtyRequest>,
     ) -> Result<Response<ResizeTtyResponse>, Status> {
-        Err(not_yet("ResizeTty"))
+        let req = req.into_inner();
+        self.manager
+            .resize(&req.container_id, &req.exec_id, req.rows, req.cols)?;
+        Ok(Response::new(ResizeTtyResponse {}))
     }
 
     async fn signal_process(
         &self,
-        _: Request<SignalProcessRequest>,
+        req: Request<SignalProcessRequest>,
     ) -> Result<Response<SignalProcessResponse>, Status> {
-        Err(not_yet("SignalProcess"))
+        let req = req.into_inner();
+        self.manager
+            .signal(&req.container_id, &req.exec_id, req.signal)?;
+        Ok(Response::new(SignalProcessResponse {}))
     }
 
     async fn wait_process(
         &self,
-        _: Request<WaitProcessRequest>,
+        req: Request<WaitProcessRequest>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
-        Err(not_yet("WaitProcess"))
+        let req = req.into_inner();
+        Ok(Response::new(
+            self.manager.wait(&req.container_id, &req.exec_id).await?,
+        ))
     }
 
     async fn update_container(
         &self,
-        _: Request<UpdateContainerRequest>,
+        req: Request<UpdateContainerRequest>,
     ) -> Result<Response<UpdateContainerResponse>, Status> {
-        Err(not_yet("UpdateContainer"))
+        let req = req.into_inner();
+        self.manager
+            .update(&req.container_id, &req.resources.unwrap_or_default())?;
+        Ok(Response::new(UpdateContainerResponse {}))
     }
 
-    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        Err(not_yet("Stats"))
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        Ok(Response::new(
+            self.manager.stats(&req.into_inner().container_id)?,
+        ))
     }
 
     async fn shutdown(
@@ -148,24 +221,31 @@ impl Agent for AgentService {
         _: Request<ShutdownRequest>,
     ) -> Result<Response<ShutdownResponse>, Status> {
         tracing::info!("shutdown requested");
-        // The serve loop drains in-flight calls (this reply included) before
-        // it returns and the VM ends.
+        self.manager.remove_all().await;
+        // The serve loop lets in-flight calls (this reply included) finish
+        // before the sandbox ends.
         self.shutdown.send_replace(true);
         Ok(Response::new(ShutdownResponse {}))
     }
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented by this agent yet"))
-}
-
 /// Binds `listen`, prints the ready line and serves until Shutdown.
-pub async fn run(mode: Mode, listen: Listen) -> Result<(), ServeError> {
-    if mode == Mode::Guest {
-        tokio::spawn(crate::init::reap_orphans());
-    }
+pub async fn run(
+    mode: Mode,
+    listen: Listen,
+    state_dir: PathBuf,
+    cgroup_parent: String,
+) -> Result<(), ServeError> {
+    let table = Arc::new(ProcessTable::default());
+    tokio::spawn(crate::process::reap(table.clone()));
+    let manager = Arc::new(Manager::new(state_dir, cgroup_parent, table));
+    crate::sandbox::prepare(&manager).map_err(ServeError::Prepare)?;
     let (shutdown, requested) = watch::channel(false);
-    let service = AgentServer::new(AgentService { mode, shutdown });
+    let service = AgentServer::new(AgentService {
+        mode,
+        manager,
+        shutdown,
+    });
     let router = tonic::transport::Server::builder().add_service(service);
     let stop = shutdown_requested(requested.clone());
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the demo container image from Debian's busybox-static, with no
-# registry: an OCI image layout in OUT/demo-image/ and the same layout as an
-# OCI archive, OUT/demo-image.tar. Reproducible: fixed timestamps, owners
+# registry: an OCI image layout in OUT/demo-image/, the same layout as an
+# OCI archive, OUT/demo-image.tar, and its root file system as an erofs
+# disk image, OUT/demo-image.erofs. Reproducible: fixed timestamps, owners
 # and file order, so the same busybox gives the same digests.
 #
 # The image is named localhost/vmpod/busybox:latest (the
@@ -40,6 +41,10 @@ nogroup:x:65534:
 GR
 find "$rootfs" -exec touch -h -d @0 {} +
 
+# The same root file system as a read-only erofs disk: what a pod VM gets as
+# a virtio-blk device (and a host pod as a loop device) for this image.
+mkfs.erofs --quiet -T0 -U 00000000-0000-0000-0000-000000000000 "$work/demo-image.erofs" "$rootfs"
+
 layer_tar=$work/layer.tar
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
     --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
@@ -74,7 +79,8 @@ tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
     --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
     -C "$layout" -cf "$work/demo-image.tar" .
 
-rm -rf "$out/demo-image" "$out/demo-image.tar"
+rm -rf "$out/demo-image" "$out/demo-image.tar" "$out/demo-image.erofs"
 mv "$layout" "$out/demo-image"
 mv "$work/demo-image.tar" "$out/demo-image.tar"
+mv "$work/demo-image.erofs" "$out/demo-image.erofs"
 echo "demo-image: $name = sha256:$manifest_digest (config sha256:$config_digest)" >&2

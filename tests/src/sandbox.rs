@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 use vmpod::agent_client::{self, AgentAddr};
-use vmpod::hypervisor::qemu::{Accel, QemuConfig, RunningGuest, VhostVsock};
+use vmpod::hypervisor::qemu::{Accel, QemuConfig, QemuDisk, RunningGuest, VhostVsock};
 use vmpod_proto::v1::agent_client::AgentClient;
 
 use crate::{artefact, require_program, static_agent};
@@ -23,12 +23,20 @@ pub enum Backend {
     QemuTcg,
 }
 
+/// The serial of the demo image's disk in a guest.
+pub const IMAGE_SERIAL: &str = "image0";
+
 /// A running agent; everything it started is stopped on drop.
 pub struct Sandbox {
     pub backend: Backend,
     pub addr: AgentAddr,
+    /// The `Rootfs.source` that names the demo busybox image for this agent:
+    /// the erofs file (a loop device) on the host, the disk's serial in a guest.
+    pub image_source: String,
     pub dir: tempfile::TempDir,
     host_agent: Option<Child>,
+    /// The host agent's --cgroup-parent, torn down on drop.
+    cgroup_parent: Option<String>,
     guest: Option<RunningGuest>,
     _vsock: Option<VhostVsock>,
 }
@@ -41,17 +49,25 @@ impl Sandbox {
         match backend {
             Backend::Host => {
                 let socket = dir.path().join("agent.sock");
+                // Distinct per sandbox: tests run in parallel.
+                let cgroup_parent = format!("/vmpod-test-{}-{}", std::process::id(), next_serial());
                 let child = Command::new(static_agent())
                     .arg("--listen")
                     .arg(format!("unix:{}", socket.display()))
+                    .arg("--state-dir")
+                    .arg(dir.path().join("state"))
+                    .arg("--cgroup-parent")
+                    .arg(&cgroup_parent)
                     .stdin(Stdio::null())
                     .spawn()
                     .expect("spawning the agent");
                 Sandbox {
                     backend,
                     addr: AgentAddr::Unix(socket),
+                    image_source: artefact("demo-image.erofs").display().to_string(),
                     dir,
                     host_agent: Some(child),
+                    cgroup_parent: Some(cgroup_parent),
                     guest: None,
                     _vsock: None,
                 }
@@ -68,18 +84,25 @@ impl Sandbox {
                 let mut cfg =
                     QemuConfig::new(artefact("vmlinux"), artefact("initramfs.cpio"), Accel::Tcg);
                 cfg.vhost_user_vsock = Some(vsock.vhost_socket.clone());
+                cfg.disks.push(QemuDisk {
+                    path: artefact("demo-image.erofs"),
+                    read_only: true,
+                    serial: IMAGE_SERIAL.into(),
+                });
                 let guest = match cfg.boot_until_ready(Duration::from_secs(120)) {
                     Ok(g) => g,
                     Err(e) => panic!("the guest did not reach the agent: {e}"),
                 };
                 Sandbox {
                     backend,
+                    image_source: format!("serial:{IMAGE_SERIAL}"),
                     addr: AgentAddr::HybridVsock {
                         uds: vsock.uds.clone(),
                         port: vmpod_proto::AGENT_VSOCK_PORT,
                     },
                     dir,
                     host_agent: None,
+                    cgroup_parent: None,
                     guest: Some(guest),
                     _vsock: Some(vsock),
                 }
@@ -133,11 +156,66 @@ impl Sandbox {
     }
 }
 
+fn next_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Some(child) = &mut self.host_agent {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(parent) = &self.cgroup_parent {
+            remove_cgroup_tree(parent);
+        }
+    }
+}
+
+/// Kills what still runs in a host sandbox's cgroups (a killed agent leaves
+/// its containers behind) and removes the cgroups, deepest first, in every
+/// hierarchy of the host.
+fn remove_cgroup_tree(parent: &str) {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for h in hierarchies.flatten() {
+        let top = h.path().join(parent.trim_start_matches('/'));
+        collect_dirs(&top, &mut dirs);
+    }
+    for dir in &dirs {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) takes plain integers; the PID comes from
+                // the sandbox's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    // Deepest first; killed processes take a moment to leave their cgroups.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for _ in 0..50 {
+        dirs.retain(|d| std::fs::remove_dir(d).is_err() && d.exists());
+        if dirs.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn collect_dirs(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    if !dir.is_dir() {
+        return;
+    }
+    out.push(dir.to_path_buf());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_dirs(&e.path(), out);
+            }
         }
     }
 }

@@ -75,6 +75,18 @@ pub struct QemuConfig {
     /// [`VhostVsock`]): gives the guest a vsock device whose host side is
     /// that daemon's hybrid vsock socket.
     pub vhost_user_vsock: Option<PathBuf>,
+    /// virtio-blk disks, in order.
+    pub disks: Vec<QemuDisk>,
+}
+
+/// A raw disk image given to the guest as a virtio-blk device.
+#[derive(Clone, Debug)]
+pub struct QemuDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The virtio-blk serial: the guest finds the disk by it
+    /// (`/sys/block/*/serial`); at most 20 bytes.
+    pub serial: String,
 }
 
 impl QemuConfig {
@@ -89,6 +101,7 @@ impl QemuConfig {
             memory_mib: 256,
             extra_cmdline: String::new(),
             vhost_user_vsock: None,
+            disks: Vec::new(),
         }
     }
 
@@ -134,6 +147,19 @@ impl QemuConfig {
             .arg("-initrd")
             .arg(&self.initramfs)
             .args(["-append", &self.cmdline()]);
+        for (i, disk) in self.disks.iter().enumerate() {
+            let mut drive = std::ffi::OsString::from("file=");
+            drive.push(&disk.path);
+            drive.push(format!(
+                ",if=none,id=disk{i},format=raw,readonly={}",
+                if disk.read_only { "on" } else { "off" }
+            ));
+            cmd.arg("-drive").arg(drive);
+            cmd.args([
+                "-device",
+                &format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial),
+            ]);
+        }
         if let Some(socket) = &self.vhost_user_vsock {
             let mut chardev = std::ffi::OsString::from("socket,id=vsock0,path=");
             chardev.push(socket);
@@ -455,6 +481,30 @@ mod tests {
         );
         assert!(
             joined.contains("-device vhost-user-vsock-device,chardev=vsock0"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn disks_become_virtio_blk_devices_with_serials() {
+        let mut cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
+        cfg.disks.push(QemuDisk {
+            path: "/img/a.erofs".into(),
+            read_only: true,
+            serial: "image0".into(),
+        });
+        let joined: Vec<String> = cfg
+            .command()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = joined.join(" ");
+        assert!(
+            joined.contains("-drive file=/img/a.erofs,if=none,id=disk0,format=raw,readonly=on"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-device virtio-blk-device,drive=disk0,serial=image0"),
             "{joined}"
         );
     }
