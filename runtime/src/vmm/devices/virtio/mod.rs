@@ -21,7 +21,7 @@ pub mod queue;
 pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
-// pub mod vsock;
+pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;

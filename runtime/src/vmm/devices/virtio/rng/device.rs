@@ -160,8 +160,7 @@ mod tests {
         let mut em = event_manager_with(dev.clone());
         let c = d.add_chain(0, &[Buf::In(4), Buf::In(4)]);
         d.notify(0);
-        let used = Some(wait_used(&mut em, &mut d, 0));
-        let used = used.unwrap();
+        let used = wait_used(&mut em, &mut d, 0);
         assert_eq!((used.head, used.len), (c.head, 8));
         let (a0, _) = c.buffers[0];
         let (a1, _) = c.buffers[1];
@@ -177,8 +176,8 @@ mod tests {
         let mut em = event_manager_with(dev);
         let c = d.add_chain(0, &[Buf::In(64)]);
         d.notify(0);
-        let used = Some(wait_used(&mut em, &mut d, 0));
-        assert_eq!(used.unwrap().len, 64);
+        let used = wait_used(&mut em, &mut d, 0);
+        assert_eq!(used.len, 64);
         // 64 random bytes are all zero with probability 2^-512.
         assert!(d.read_mem(c.buffers[0].0, 64).iter().any(|&b| b != 0));
     }
@@ -189,8 +188,8 @@ mod tests {
         let mut em = event_manager_with(dev);
         d.add_chain(0, &[Buf::In(MAX_BYTES_PER_REQUEST * 4)]);
         d.notify(0);
-        let used = Some(wait_used(&mut em, &mut d, 0));
-        assert_eq!(used.unwrap().len, MAX_BYTES_PER_REQUEST);
+        let used = wait_used(&mut em, &mut d, 0);
+        assert_eq!(used.len, MAX_BYTES_PER_REQUEST);
     }
 
     #[test]
@@ -199,8 +198,8 @@ mod tests {
         let mut em = event_manager_with(dev.clone());
         d.add_chain(0, &[Buf::In(16)]);
         d.notify(0);
-        let used = Some(wait_used(&mut em, &mut d, 0));
-        assert_eq!(used.unwrap().len, 0);
+        let used = wait_used(&mut em, &mut d, 0);
+        assert_eq!(used.len, 0);
         assert!(dev.lock().unwrap().metrics().contains(&("rng_failures", 1)));
     }
 }

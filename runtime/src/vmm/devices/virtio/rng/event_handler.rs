@@ -9,22 +9,19 @@ use crate::vmm::devices::virtio::device_state::TOKEN_ACTIVATE;
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => {
-                if self.state.on_activate("rng", ops) {
-                    // Requests may already be queued from before DRIVER_OK.
-                    self.process_queue();
-                }
-            }
+        let run = match events.data() {
+            // Requests may already be queued from before DRIVER_OK.
+            TOKEN_ACTIVATE => self.state.on_activate("rng", ops),
             token if token as usize == RNG_QUEUE => {
                 self.rng_metrics()
                     .queue_events
                     .fetch_add(1, Ordering::Relaxed);
-                if self.state.on_queue_event(RNG_QUEUE) {
-                    self.process_queue();
-                }
+                self.state.on_queue_event(RNG_QUEUE)
             }
-            _ => {}
+            _ => false,
+        };
+        if run {
+            self.process_queue();
         }
     }
 
