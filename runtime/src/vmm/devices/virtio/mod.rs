@@ -10,7 +10,7 @@
 //! queue configuration; on DRIVER_OK it hands the queues to the device,
 //! which from then on is driven by the VMM's epoll loop.
 
-// pub mod block;
+pub mod block;
 pub mod chain;
 pub mod device_state;
 pub mod interrupt;
