@@ -16,7 +16,7 @@ pub mod device_state;
 pub mod interrupt;
 pub mod log_limit;
 pub mod mmio;
-// pub mod net;
+pub mod net;
 pub mod queue;
 pub mod rng;
 #[cfg(test)]
