@@ -193,6 +193,17 @@ impl MmioTransport {
         &self.metrics
     }
 
+    /// Device and transport counters together, for the VMM's metrics endpoint.
+    pub fn metrics_snapshot(&self) -> super::MetricsSnapshot {
+        let mut m = lock(&self.device).metrics();
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        m.push(("mmio_bad_accesses", g(&self.metrics.bad_accesses)));
+        m.push(("mmio_activate_fails", g(&self.metrics.activate_fails)));
+        m.push(("mmio_resets", g(&self.metrics.resets)));
+        m.push(("needs_reset", u64::from(self.interrupt.needs_reset())));
+        m
+    }
+
     fn bad_access(&mut self, what: &str, offset: u64) {
         self.metrics.bad_accesses.fetch_add(1, Ordering::Relaxed);
         guest_warn!(self.log, offset, "virtio-mmio: {what}");
