@@ -15,12 +15,10 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::packet::{PacketHeader, TxPacket};
-use super::{
-    CONN_TX_BUF_SIZE, HANDSHAKE_TIMEOUT, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op,
-};
+use super::{CONN_TX_BUF_SIZE, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 
 /// Identifies a connection: (host-side port, guest-side port).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
@@ -91,10 +89,17 @@ pub struct Connection {
     /// The stream reported HUP/ERR; it is polled by reading, not by epoll.
     pub(super) hup: bool,
     deadline: Option<Instant>,
+    timeout: Duration,
 }
 
 impl Connection {
-    fn new(stream: UnixStream, key: ConnKey, guest_cid: u64, state: ConnState) -> Self {
+    fn new(
+        stream: UnixStream,
+        key: ConnKey,
+        guest_cid: u64,
+        state: ConnState,
+        timeout: Duration,
+    ) -> Self {
         Self {
             stream,
             key,
@@ -113,20 +118,28 @@ impl Connection {
             close_after_flush: false,
             hup: false,
             deadline: None,
+            timeout,
         }
     }
 
-    /// A host client asked for guest port `key.peer_port`: send REQUEST.
-    pub fn new_local(stream: UnixStream, key: ConnKey, guest_cid: u64) -> Self {
-        let mut c = Self::new(stream, key, guest_cid, ConnState::LocalInit);
+    /// A host client asked for guest port `key.peer_port`: send REQUEST;
+    /// the guest has `timeout` to answer (also the limit for closing).
+    pub fn new_local(stream: UnixStream, key: ConnKey, guest_cid: u64, timeout: Duration) -> Self {
+        let mut c = Self::new(stream, key, guest_cid, ConnState::LocalInit, timeout);
         c.pending = pending::REQUEST;
-        c.deadline = Some(Instant::now() + HANDSHAKE_TIMEOUT);
+        c.deadline = Some(Instant::now() + timeout);
         c
     }
 
     /// The guest's REQUEST was connected to a host listener: send RESPONSE.
-    pub fn new_peer(stream: UnixStream, key: ConnKey, guest_cid: u64, req: &PacketHeader) -> Self {
-        let mut c = Self::new(stream, key, guest_cid, ConnState::Established);
+    pub fn new_peer(
+        stream: UnixStream,
+        key: ConnKey,
+        guest_cid: u64,
+        req: &PacketHeader,
+        timeout: Duration,
+    ) -> Self {
+        let mut c = Self::new(stream, key, guest_cid, ConnState::Established, timeout);
         c.update_peer_credit(req);
         c.pending = pending::RESPONSE;
         c
@@ -240,7 +253,7 @@ impl Connection {
                 }
                 if flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
                     self.close_after_flush = true;
-                    self.deadline = Some(Instant::now() + HANDSHAKE_TIMEOUT);
+                    self.deadline = Some(Instant::now() + self.timeout);
                 }
                 self.flush();
             }
@@ -353,7 +366,7 @@ impl Connection {
                     match (&self.stream).read(&mut data[..max]) {
                         Ok(0) => {
                             self.state = ConnState::Closing;
-                            self.deadline = Some(Instant::now() + HANDSHAKE_TIMEOUT);
+                            self.deadline = Some(Instant::now() + self.timeout);
                             self.pending |= pending::SHUTDOWN;
                         }
                         Ok(n) => {

@@ -66,6 +66,11 @@ impl<B: VsockBackend> Vsock<B> {
         &self.backend
     }
 
+    /// The backend, for configuration.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Takes every packet the guest transmitted and hands it to the backend.
     pub(super) fn process_tx(&mut self) {
         let mut used_any = false;
@@ -429,6 +434,43 @@ mod tests {
         // The device still works.
         assert_eq!(h.d.status() & status::DEVICE_NEEDS_RESET, 0);
         let (_c, _) = establish(&mut h, 1234);
+    }
+
+    #[test]
+    fn silent_client_and_silent_guest_time_out() {
+        let mut h = Harness::new();
+        h.dev
+            .lock()
+            .unwrap()
+            .backend_mut()
+            .set_timeout(Duration::from_millis(100));
+        // A client that never sends its CONNECT line is closed.
+        let mut silent = host_client(&h);
+        let mut buf = [0u8; 1];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        silent.set_nonblocking(true).unwrap();
+        loop {
+            h.idle();
+            match silent.read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "silent client never closed"
+            );
+        }
+        // A guest that never answers REQUEST gets RST and the client EOF.
+        let mut c = host_client(&h);
+        c.write_all(b"CONNECT 4321\n").unwrap();
+        let (req, _) = h.recv();
+        assert_eq!(req.op(), op::REQUEST);
+        let (rst, _) = h.recv();
+        assert_eq!(rst.op(), op::RST);
+        assert_eq!(rst.dst_port(), 4321);
+        assert_eq!(c.read(&mut buf).unwrap(), 0);
+        assert_eq!(h.dev.lock().unwrap().backend().connection_count(), 0);
     }
 
     #[test]

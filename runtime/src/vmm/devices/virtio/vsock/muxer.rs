@@ -73,6 +73,7 @@ pub struct HybridMuxer {
     rxq: VecDeque<ConnKey>,
     rst_queue: VecDeque<PacketHeader>,
     next_local_port: u32,
+    timeout: Duration,
     metrics: Arc<VsockMetrics>,
     log: LogLimiter,
 }
@@ -95,6 +96,14 @@ impl HybridMuxer {
         listener.set_nonblocking(true).map_err(bind)?;
         let epoll = Epoll::new().map_err(VsockError::Events)?;
         let timer = TimerFd::new().map_err(|e| VsockError::Events(e.into()))?;
+        // A stray wakeup must never block the event loop in timer.wait().
+        {
+            use nix::fcntl::{FcntlArg, OFlag, fcntl};
+            // SAFETY: the fd belongs to `timer`, which outlives this borrow.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(timer.as_raw_fd()) };
+            fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(|e| VsockError::Events(e.into()))?;
+        }
         let m = Self {
             uds_path: uds_path.to_path_buf(),
             guest_cid,
@@ -108,6 +117,7 @@ impl HybridMuxer {
             rxq: VecDeque::new(),
             rst_queue: VecDeque::new(),
             next_local_port: LOCAL_PORT_START,
+            timeout: HANDSHAKE_TIMEOUT,
             metrics,
             log: LogLimiter::new(),
         };
@@ -123,6 +133,11 @@ impl HybridMuxer {
         Ok(m)
     }
 
+    /// Changes the handshake and close timeout (default [`HANDSHAKE_TIMEOUT`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Number of live connections (for tests and metrics).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
@@ -134,7 +149,8 @@ impl HybridMuxer {
     }
 
     fn arm_timer(&mut self) {
-        if !self.timer_armed && self.timer.reset(TICK, Some(TICK)).is_ok() {
+        let tick = TICK.min(self.timeout / 2).max(Duration::from_millis(1));
+        if !self.timer_armed && self.timer.reset(tick, Some(tick)).is_ok() {
             self.timer_armed = true;
         }
     }
@@ -213,7 +229,7 @@ impl HybridMuxer {
                 Handshake {
                     stream,
                     line: Vec::with_capacity(MAX_HANDSHAKE_LEN),
-                    deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+                    deadline: Instant::now() + self.timeout,
                 },
             );
             self.arm_timer();
@@ -264,7 +280,7 @@ impl HybridMuxer {
             local_port,
             peer_port,
         };
-        let conn = Connection::new_local(h.stream, key, self.guest_cid);
+        let conn = Connection::new_local(h.stream, key, self.guest_cid, self.timeout);
         self.add_connection(key, conn);
     }
 
@@ -327,14 +343,13 @@ impl HybridMuxer {
         };
         let fd = conn.stream().as_raw_fd();
         if conn.is_finished() {
-            if let Some(c) = self.conns.remove(&key) {
-                drop(c);
-            }
+            // Deregister before the stream (and its fd number) is released.
             if let Some((_, Some(_))) = self.registered.remove(&fd) {
                 let _ = self
                     .epoll
                     .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
+            self.conns.remove(&key);
             self.metrics.conns_removed.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -489,7 +504,8 @@ impl VsockBackend for HybridMuxer {
                 }
                 match self.connect_host(hdr.dst_port()) {
                     Ok(stream) => {
-                        let conn = Connection::new_peer(stream, key, self.guest_cid, &hdr);
+                        let conn =
+                            Connection::new_peer(stream, key, self.guest_cid, &hdr, self.timeout);
                         self.add_connection(key, conn);
                     }
                     Err(e) => {
