@@ -85,6 +85,67 @@ const MMIO_VERSION: u32 = 2;
 /// Vendor ID reported to the guest ("VMPD").
 const VENDOR_ID: u32 = 0x4450_4d56;
 
+/// The driver's view of one queue while it sets it up. Kept here rather
+/// than in `virtio_queue::Queue` because that type's setters log every bad
+/// value through the `log` crate, unthrottled, and the values are guest input.
+#[derive(Clone, Copy, Debug)]
+struct QueueConfig {
+    max_size: u16,
+    size: u32,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: u32::from(max_size),
+            ready: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    /// Builds the live queue, checking size, alignment and that all three
+    /// areas lie in guest memory.
+    fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        if !self.ready {
+            return Err("queue not ready".into());
+        }
+        let size = u16::try_from(self.size).map_err(|_| format!("queue size {}", self.size))?;
+        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
+        q.try_set_size(size)
+            .map_err(|_| format!("invalid queue size {size}"))?;
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|e| e.to_string())?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .map_err(|e| e.to_string())?;
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .map_err(|e| e.to_string())?;
+        let n = u64::from(size);
+        // Descriptor table, avail ring (flags, idx, ring, used_event), used
+        // ring (flags, idx, ring of 8-byte elements, avail_event).
+        for (what, addr, len) in [
+            ("descriptor table", self.desc, 16 * n),
+            ("available ring", self.avail, 6 + 2 * n),
+            ("used ring", self.used, 6 + 8 * n),
+        ] {
+            let inside = addr.checked_add(len).is_some()
+                && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize);
+            if !inside {
+                return Err(format!("{what} {addr:#x}+{len:#x} outside guest memory"));
+            }
+        }
+        q.set_ready(true);
+        Ok(q)
+    }
+}
+
 /// Transport-level counters.
 #[derive(Debug, Default)]
 pub struct MmioMetrics {
@@ -101,7 +162,7 @@ pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
+    queues: Vec<QueueConfig>,
     queue_evts: Vec<EventFd>,
     queue_sel: u32,
     device_features_sel: u32,
@@ -151,7 +212,11 @@ impl MmioTransport {
         };
         let queues = sizes
             .iter()
-            .map(|&s| Queue::new(s).map_err(|_| MmioError::QueueSize(s)))
+            .map(|&s| {
+                Queue::new(s)
+                    .map(|_| QueueConfig::new(s))
+                    .map_err(|_| MmioError::QueueSize(s))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let queue_evts = sizes
             .iter()
@@ -225,7 +290,7 @@ impl MmioTransport {
         guest_warn!(self.log, offset, "virtio-mmio: {what}");
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
@@ -245,7 +310,7 @@ impl MmioTransport {
         self.metrics.resets.fetch_add(1, Ordering::Relaxed);
         lock(&self.device).reset();
         for q in &mut self.queues {
-            q.reset();
+            *q = QueueConfig::new(q.max_size);
         }
         // Drop notifications that were pending from before the reset.
         for e in &self.queue_evts {
@@ -295,23 +360,23 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let usable = self.queues.iter().all(|q| q.is_valid(&self.mem));
-        let evts: std::io::Result<Vec<EventFd>> = self.try_queue_events();
-        let result = match (usable, evts) {
-            (false, _) => Err("queue not ready or outside guest memory".to_string()),
-            (true, Err(e)) => Err(format!("cannot clone queue eventfds: {e}")),
-            (true, Ok(queue_evts)) => lock(&self.device)
-                .activate(Activation {
-                    mem: self.mem.clone(),
-                    queues: self
-                        .queues
-                        .iter()
-                        .filter_map(|q| Queue::try_from(q.state()).ok())
-                        .collect(),
-                    queue_evts,
-                })
-                .map_err(|e| e.to_string()),
-        };
+        let result = self
+            .queues
+            .iter()
+            .map(|q| q.build(&self.mem))
+            .collect::<Result<Vec<Queue>, String>>()
+            .and_then(|queues| {
+                let queue_evts = self
+                    .try_queue_events()
+                    .map_err(|e| format!("cannot clone queue eventfds: {e}"))?;
+                lock(&self.device)
+                    .activate(Activation {
+                        mem: self.mem.clone(),
+                        queues,
+                        queue_evts,
+                    })
+                    .map_err(|e| e.to_string())
+            });
         if let Err(reason) = result {
             self.metrics.activate_fails.fetch_add(1, Ordering::Relaxed);
             guest_warn!(self.log, %reason, "virtio-mmio: activation failed, device needs reset");
@@ -333,8 +398,8 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
-            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size.into()),
+            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready.into()),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status(),
             reg::CONFIG_GENERATION => self.interrupt.config_generation(),
@@ -391,21 +456,18 @@ impl MmioTransport {
                     self.bad_access("queue register of unknown queue", offset);
                     return;
                 };
+                let set_lo = |a: &mut u64| *a = (*a & !0xffff_ffff) | u64::from(v);
+                let set_hi = |a: &mut u64| *a = (*a & 0xffff_ffff) | (u64::from(v) << 32);
                 match offset {
-                    reg::QUEUE_NUM => {
-                        // virtio-queue ignores sizes that are not a power of
-                        // two or exceed the maximum; is_valid() then decides.
-                        if let Ok(size) = u16::try_from(v) {
-                            q.set_size(size);
-                        }
-                    }
-                    reg::QUEUE_READY => q.set_ready(v == 1),
-                    reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
-                    reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
-                    reg::QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(v), None),
-                    reg::QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(v)),
-                    reg::QUEUE_USED_LOW => q.set_used_ring_address(Some(v), None),
-                    _ => q.set_used_ring_address(None, Some(v)),
+                    // Checked when the queue is built, at DRIVER_OK.
+                    reg::QUEUE_NUM => q.size = v,
+                    reg::QUEUE_READY => q.ready = v == 1,
+                    reg::QUEUE_DESC_LOW => set_lo(&mut q.desc),
+                    reg::QUEUE_DESC_HIGH => set_hi(&mut q.desc),
+                    reg::QUEUE_AVAIL_LOW => set_lo(&mut q.avail),
+                    reg::QUEUE_AVAIL_HIGH => set_hi(&mut q.avail),
+                    reg::QUEUE_USED_LOW => set_lo(&mut q.used),
+                    _ => set_hi(&mut q.used),
                 }
             }
             _ => self.bad_access("write of unknown or read-only register", offset),
@@ -547,6 +609,48 @@ mod tests {
         // A reset clears it and a proper bring-up works.
         d.init(0);
         assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    /// Sets up queue 0 with the given values, then DRIVER_OK; returns the status.
+    fn bring_up_with(size: u32, desc: u64, avail: u64, used: u64) -> u32 {
+        let mut d = MockDriver::new(rng());
+        d.negotiate(1 << VIRTIO_F_VERSION_1);
+        d.write_reg(reg::QUEUE_SEL, 0);
+        d.write_reg(reg::QUEUE_NUM, size);
+        for (lo, a) in [
+            (reg::QUEUE_DESC_LOW, desc),
+            (reg::QUEUE_AVAIL_LOW, avail),
+            (reg::QUEUE_USED_LOW, used),
+        ] {
+            d.write_reg(lo, a as u32);
+            d.write_reg(lo + 4, (a >> 32) as u32);
+        }
+        d.write_reg(reg::QUEUE_READY, 1);
+        d.write_reg(reg::STATUS, 0xf);
+        d.status()
+    }
+
+    #[test]
+    fn bad_queue_configuration_means_needs_reset() {
+        let ok = bring_up_with(256, 0x1_0000, 0x2_0000, 0x3_0000);
+        assert_eq!(ok & status::DEVICE_NEEDS_RESET, 0);
+        for (size, desc, avail, used) in [
+            (100, 0x1_0000, 0x2_0000, 0x3_0000),       // not a power of two
+            (512, 0x1_0000, 0x2_0000, 0x3_0000),       // over the maximum
+            (0, 0x1_0000, 0x2_0000, 0x3_0000),         // empty
+            (256, 0x1_0008, 0x2_0000, 0x3_0000),       // misaligned table
+            (256, 0x1_0000, 0x2_0001, 0x3_0000),       // misaligned avail ring
+            (256, 0x1_0000, 0x2_0000, 0x3_0002),       // misaligned used ring
+            (256, 0x1_0000, 0x2_0000, (32 << 20) - 8), // used ring past RAM
+            (256, u64::MAX - 15, 0x2_0000, 0x3_0000),  // wraps the address space
+        ] {
+            let s = bring_up_with(size, desc, avail, used);
+            assert_ne!(
+                s & status::DEVICE_NEEDS_RESET,
+                0,
+                "accepted size {size} desc {desc:#x} avail {avail:#x} used {used:#x}"
+            );
+        }
     }
 
     #[test]

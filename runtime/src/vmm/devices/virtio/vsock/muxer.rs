@@ -67,6 +67,9 @@ pub struct HybridMuxer {
     epoll: Epoll,
     timer: TimerFd,
     timer_armed: bool,
+    /// The listener is out of the epoll set after an accept error (e.g.
+    /// EMFILE), which would otherwise keep it readable forever.
+    listener_paused: bool,
     conns: HashMap<ConnKey, Connection>,
     registered: HashMap<RawFd, (ConnKey, Option<Interest>)>,
     handshakes: HashMap<RawFd, Handshake>,
@@ -111,6 +114,7 @@ impl HybridMuxer {
             epoll,
             timer,
             timer_armed: false,
+            listener_paused: false,
             conns: HashMap::new(),
             registered: HashMap::new(),
             handshakes: HashMap::new(),
@@ -157,6 +161,20 @@ impl HybridMuxer {
 
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
+        if self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            if self
+                .epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, fd as u64),
+                )
+                .is_ok()
+            {
+                self.listener_paused = false;
+            }
+        }
         let now = Instant::now();
         let expired: Vec<RawFd> = self
             .handshakes
@@ -182,8 +200,9 @@ impl HybridMuxer {
             }
             self.after_conn_op(key);
         }
-        let any_deadline =
-            !self.handshakes.is_empty() || self.conns.values().any(|c| c.deadline().is_some());
+        let any_deadline = self.listener_paused
+            || !self.handshakes.is_empty()
+            || self.conns.values().any(|c| c.deadline().is_some());
         if !any_deadline && self.timer.clear().is_ok() {
             self.timer_armed = false;
         }
@@ -203,7 +222,16 @@ impl HybridMuxer {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    guest_warn!(self.log, error = %e, "vsock: accept failed");
+                    guest_warn!(self.log, error = %e, "vsock: accept failed, pausing the listener");
+                    let fd = self.listener.as_raw_fd();
+                    if self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                        .is_ok()
+                    {
+                        self.listener_paused = true;
+                        self.arm_timer();
+                    }
                     return;
                 }
             };
