@@ -436,6 +436,93 @@ mod tests {
         let (_c, _) = establish(&mut h, 1234);
     }
 
+    /// A megabyte each way with a small guest window: the data arrives
+    /// intact and the device never exceeds the credit the guest advertised.
+    #[test]
+    fn bulk_transfer_both_ways_within_credit() {
+        const TOTAL: usize = 1 << 20;
+        const GUEST_BUF: u32 = 16 * 1024;
+        let pattern = |i: usize| (i * 7 % 251) as u8;
+        let mut h = Harness::new();
+        let mut c = host_client(&h);
+        c.write_all(b"CONNECT 1234\n").unwrap();
+        let (req, _) = h.recv();
+        let hp = req.src_port();
+        let mut resp = Harness::hdr(op::RESPONSE, 1234, hp);
+        resp.set_buf_alloc(GUEST_BUF);
+        h.send(resp, &[]);
+        assert_eq!(read_line(&mut c), format!("OK {hp}\n"));
+
+        // Host → guest.
+        let mut writer = c.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let data: Vec<u8> = (0..TOTAL).map(pattern).collect();
+            writer.write_all(&data).unwrap();
+        });
+        let mut got = Vec::with_capacity(TOTAL);
+        let mut fwd: u32 = 0;
+        let mut credit_msgs = 0;
+        while got.len() < TOTAL {
+            let (p, data) = h.recv();
+            match p.op() {
+                op::RW => {
+                    got.extend_from_slice(&data);
+                    let in_flight = got.len() as u32 - fwd;
+                    assert!(
+                        in_flight <= GUEST_BUF,
+                        "device sent past the guest's credit"
+                    );
+                }
+                op::CREDIT_REQUEST => {}
+                other => panic!("unexpected op {other}"),
+            }
+            // The guest application consumed everything so far.
+            if got.len() as u32 - fwd >= GUEST_BUF / 2 || p.op() == op::CREDIT_REQUEST {
+                fwd = got.len() as u32;
+                let mut upd = Harness::hdr(op::CREDIT_UPDATE, 1234, hp);
+                upd.set_buf_alloc(GUEST_BUF).set_fwd_cnt(fwd);
+                h.send(upd, &[]);
+                credit_msgs += 1;
+            }
+        }
+        sender.join().unwrap();
+        assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+        assert!(credit_msgs > 1);
+
+        // Guest → host, honouring the device's credit.
+        let mut reader = c.try_clone().unwrap();
+        let receiver = std::thread::spawn(move || {
+            let mut all = vec![0u8; TOTAL];
+            reader.read_exact(&mut all).unwrap();
+            all
+        });
+        let (mut peer_alloc, mut peer_fwd) = (CONN_TX_BUF_SIZE, 0u32);
+        let mut sent = 0usize;
+        while sent < TOTAL {
+            let credit = peer_alloc - (sent as u32 - peer_fwd);
+            if credit == 0 {
+                h.send(Harness::hdr(op::CREDIT_REQUEST, 1234, hp), &[]);
+                let (p, _) = h.recv();
+                peer_alloc = p.buf_alloc();
+                peer_fwd = p.fwd_cnt();
+                continue;
+            }
+            let n = (credit as usize).min(4096).min(TOTAL - sent);
+            let chunk: Vec<u8> = (sent..sent + n).map(pattern).collect();
+            let mut hdr = Harness::hdr(op::RW, 1234, hp);
+            hdr.set_fwd_cnt(fwd);
+            h.send(hdr, &chunk);
+            sent += n;
+            while let Some((p, _)) = h.poll() {
+                peer_alloc = p.buf_alloc();
+                peer_fwd = p.fwd_cnt();
+            }
+        }
+        let all = receiver.join().unwrap();
+        assert!(all.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+        assert_eq!(h.dev.lock().unwrap().backend().connection_count(), 1);
+    }
+
     #[test]
     fn silent_client_and_silent_guest_time_out() {
         let mut h = Harness::new();

@@ -113,6 +113,11 @@ impl Harness {
     /// Runs the loop a little and returns a packet if the device produced one.
     pub fn try_recv(&mut self) -> Option<(PacketHeader, Vec<u8>)> {
         run_idle(&mut self.em);
+        self.poll()
+    }
+
+    /// Returns a packet the device already produced, without running the loop.
+    pub fn poll(&mut self) -> Option<(PacketHeader, Vec<u8>)> {
         let used = self.d.pop_used(RXQ)?;
         let chain = self.rx_chains.remove(&used.head).unwrap();
         let raw = self.d.read_mem(chain.buffers[0].0, used.len as usize);
