@@ -17,6 +17,11 @@ pub const TOKEN_ACTIVATE: u32 = 0x100;
 /// First epoll data token a device may use for its backend fds.
 pub const TOKEN_BACKEND: u32 = 0x200;
 
+/// Most chains one queue event handles before yielding the event loop to
+/// other devices (a guest adding chains as fast as they are consumed could
+/// otherwise hold the loop forever). The rest is picked up by re-signalling.
+pub const MAX_CHAINS_PER_EVENT: usize = 256;
+
 /// An activated device's queues and memory.
 #[derive(Debug)]
 pub struct Active {
@@ -108,6 +113,15 @@ impl DeviceState {
         self.broken = true;
         if let Err(e) = self.interrupt.set_needs_reset() {
             guest_warn!(self.log, device, error = %e, "cannot raise NEEDS_RESET interrupt");
+        }
+    }
+
+    /// Re-signals queue `index` so the event loop comes back to it later.
+    pub fn reschedule(&mut self, index: usize) {
+        if let Some(evt) = self.queue_evts.get(index) {
+            if let Err(e) = evt.write(1) {
+                guest_warn!(self.log, error = %e, "cannot reschedule queue");
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use super::{
     BlockBackend, BlockError, DiskFile, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
 };
 use crate::vmm::devices::virtio::chain::DescChain;
-use crate::vmm::devices::virtio::device_state::DeviceState;
+use crate::vmm::devices::virtio::device_state::{DeviceState, MAX_CHAINS_PER_EVENT};
 use crate::vmm::devices::virtio::log_limit::guest_warn;
 use crate::vmm::devices::virtio::{
     ActivateError, Activation, Interrupt, MetricsSnapshot, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -130,7 +130,11 @@ impl Block {
     /// Serves every available request.
     pub(super) fn process_queue(&mut self) {
         let mut used_any = false;
-        loop {
+        for round in 0.. {
+            if round == MAX_CHAINS_PER_EVENT {
+                self.state.reschedule(0);
+                break;
+            }
             let Some(active) = self.state.active.as_mut() else {
                 return;
             };

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::frame::{read_tx_frame, write_rx_frame};
 use super::metrics::NetMetrics;
 use super::{MAX_FRAME, NetBackend, NetError, QUEUE_SIZE, RXQ, TXQ, Tap, VNET_HDR_SIZE};
-use crate::vmm::devices::virtio::device_state::DeviceState;
+use crate::vmm::devices::virtio::device_state::{DeviceState, MAX_CHAINS_PER_EVENT};
 use crate::vmm::devices::virtio::log_limit::guest_warn;
 use crate::vmm::devices::virtio::{
     ActivateError, Activation, Interrupt, MetricsSnapshot, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -67,7 +67,11 @@ impl<B: NetBackend> Net<B> {
     /// Sends every frame the guest queued.
     pub(super) fn process_tx(&mut self) {
         let mut used_any = false;
-        loop {
+        for round in 0.. {
+            if round == MAX_CHAINS_PER_EVENT {
+                self.state.reschedule(TXQ);
+                break;
+            }
             let Some(active) = self.state.active.as_mut() else {
                 return;
             };

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::vmm::devices::virtio::device_state::DeviceState;
+use crate::vmm::devices::virtio::device_state::{DeviceState, MAX_CHAINS_PER_EVENT};
 use crate::vmm::devices::virtio::log_limit::guest_warn;
 use crate::vmm::devices::virtio::{
     ActivateError, Activation, Interrupt, MetricsSnapshot, TYPE_RNG, VIRTIO_F_VERSION_1,
@@ -49,7 +49,11 @@ impl Rng {
     /// Serves every available request.
     pub(super) fn process_queue(&mut self) {
         let mut used_any = false;
-        loop {
+        for round in 0.. {
+            if round == MAX_CHAINS_PER_EVENT {
+                self.state.reschedule(RNG_QUEUE);
+                break;
+            }
             let Some(active) = self.state.active.as_mut() else {
                 return;
             };

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use super::metrics::VsockMetrics;
 use super::packet::{parse_tx, rx_capacity, write_rx};
 use super::{HybridMuxer, QUEUE_SIZE, RXQ, TXQ, VsockBackend, VsockError};
-use crate::vmm::devices::virtio::device_state::DeviceState;
+use crate::vmm::devices::virtio::device_state::{DeviceState, MAX_CHAINS_PER_EVENT};
 use crate::vmm::devices::virtio::log_limit::guest_warn;
 use crate::vmm::devices::virtio::{
     ActivateError, Activation, Interrupt, MetricsSnapshot, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -74,7 +74,11 @@ impl<B: VsockBackend> Vsock<B> {
     /// Takes every packet the guest transmitted and hands it to the backend.
     pub(super) fn process_tx(&mut self) {
         let mut used_any = false;
-        loop {
+        for round in 0.. {
+            if round == MAX_CHAINS_PER_EVENT {
+                self.state.reschedule(TXQ);
+                break;
+            }
             let Some(active) = self.state.active.as_mut() else {
                 return;
             };
