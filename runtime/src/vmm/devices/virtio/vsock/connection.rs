@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   host CONNECT ─▶ LocalInit ──guest RESPONSE──▶ Established ◀── guest REQUEST (we connect <uds>_P)
-//!                      │ timeout/RST                 │ host EOF ─▶ Closing ──guest RST/SHUTDOWN/timeout──▶ Dead
+//!                      │ timeout/RST                 │ host hang-up ─▶ Closing ──guest RST/SHUTDOWN/timeout──▶ Dead
 //!                      ▼                             │ guest SHUTDOWN(both)/RST, I/O error, credit overrun
 //!                     Dead ◀─────────────────────────┘
 //! ```
@@ -36,7 +36,8 @@ pub enum ConnState {
     LocalInit,
     /// Data flows both ways.
     Established,
-    /// The host side hit EOF; SHUTDOWN sent, waiting for the guest's RST.
+    /// The host hung up; SHUTDOWN sent, waiting for the guest's RST.
+    /// (A host half-close stays Established, see `host_eof`.)
     Closing,
     /// Finished; removed once its pending RST (if any) is delivered.
     Dead,
@@ -85,6 +86,11 @@ pub struct Connection {
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
     peer_shut_send: bool,
+    /// The host half-closed (read EOF, stream not hung up): the guest was
+    /// told with SHUTDOWN(SEND) and may still send.
+    host_eof: bool,
+    /// Flags of the SHUTDOWN packet pending for the guest.
+    shutdown_flags: u32,
     close_after_flush: bool,
     /// The stream reported HUP/ERR; it is polled by reading, not by epoll.
     pub(super) hup: bool,
@@ -115,6 +121,8 @@ impl Connection {
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             peer_shut_send: false,
+            host_eof: false,
+            shutdown_flags: 0,
             close_after_flush: false,
             hup: false,
             deadline: None,
@@ -189,7 +197,8 @@ impl Connection {
             read: self.state == ConnState::Established
                 && self.pending & pending::RW == 0
                 && self.peer_credit() > 0
-                && !self.hup,
+                && !self.hup
+                && !self.host_eof,
             write: live && !self.hup && (!self.reply.is_empty() || !self.tx_buf.is_empty()),
         }
     }
@@ -347,7 +356,7 @@ impl Connection {
                 pending::RESPONSE => return Some((self.header(op::RESPONSE), 0)),
                 pending::SHUTDOWN => {
                     let mut h = self.header(op::SHUTDOWN);
-                    h.set_flags(SHUTDOWN_RCV | SHUTDOWN_SEND);
+                    h.set_flags(self.shutdown_flags);
                     return Some((h, 0));
                 }
                 pending::CREDIT_UPDATE => return Some((self.header(op::CREDIT_UPDATE), 0)),
@@ -364,10 +373,21 @@ impl Connection {
                         continue;
                     }
                     match (&self.stream).read(&mut data[..max]) {
-                        Ok(0) => {
+                        Ok(0) if self.hup => {
+                            // The host is gone both ways.
                             self.state = ConnState::Closing;
                             self.deadline = Some(Instant::now() + self.timeout);
+                            self.shutdown_flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
                             self.pending |= pending::SHUTDOWN;
+                        }
+                        Ok(0) => {
+                            // Half-close: the host sends no more but may
+                            // still read what the guest has to say.
+                            if !self.host_eof {
+                                self.host_eof = true;
+                                self.shutdown_flags = SHUTDOWN_SEND;
+                                self.pending |= pending::SHUTDOWN;
+                            }
                         }
                         Ok(n) => {
                             // n <= MAX_PKT_DATA, so it fits a u32.

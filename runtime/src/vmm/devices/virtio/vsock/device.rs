@@ -315,6 +315,26 @@ mod tests {
     }
 
     #[test]
+    fn host_half_close_still_carries_the_guest_reply() {
+        let mut h = Harness::new();
+        let (mut c, hp) = establish(&mut h, 1234);
+        c.write_all(b"request").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let (p, data) = h.recv();
+        assert_eq!((p.op(), data.as_slice()), (op::RW, &b"request"[..]));
+        let (shut, _) = h.recv();
+        assert_eq!((shut.op(), shut.flags()), (op::SHUTDOWN, SHUTDOWN_SEND));
+        h.send(Harness::hdr(op::RW, 1234, hp), b"reply");
+        let mut s = Harness::hdr(op::SHUTDOWN, 1234, hp);
+        s.set_flags(SHUTDOWN_RCV | SHUTDOWN_SEND);
+        h.send(s, &[]);
+        assert_eq!(h.recv().0.op(), op::RST);
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"reply");
+    }
+
+    #[test]
     fn guest_shutdown_flushes_then_resets() {
         let mut h = Harness::new();
         let (mut c, hp) = establish(&mut h, 1234);
