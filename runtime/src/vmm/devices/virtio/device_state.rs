@@ -147,7 +147,9 @@ impl DeviceState {
                     token,
                     event_manager::EventSet::IN,
                 )) {
-                    tracing::error!(device, error = ?e, "cannot register queue eventfd");
+                    // Without its queue events the device would look alive
+                    // and never answer: tell the driver instead.
+                    self.fail(device, &format!("cannot register queue eventfd: {e:?}"));
                     return false;
                 }
             }
