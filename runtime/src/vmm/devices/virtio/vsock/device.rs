@@ -215,7 +215,7 @@ mod tests {
 
     use super::super::test_utils::{GUEST_CID, Harness};
     use super::super::{CONN_TX_BUF_SIZE, HOST_CID, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, op};
-    use crate::vmm::devices::virtio::test_utils::Buf;
+    use crate::vmm::devices::virtio::test_utils::{Buf, run_until};
     use crate::vmm::devices::virtio::{VirtioDevice, status};
 
     fn host_client(h: &Harness) -> UnixStream {
@@ -542,6 +542,11 @@ mod tests {
                 peer_fwd = p.fwd_cnt();
             }
         }
+        // The tail may still sit in the device's buffer: keep the loop
+        // running (it flushes on EPOLLOUT) until the host has read it all.
+        run_until(&mut h.em, "the host to read everything", || {
+            receiver.is_finished()
+        });
         let all = receiver.join().unwrap();
         assert!(all.iter().enumerate().all(|(i, &b)| b == pattern(i)));
         assert_eq!(h.dev.lock().unwrap().backend().connection_count(), 1);
