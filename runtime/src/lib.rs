@@ -7,3 +7,4 @@
 pub mod agent_client;
 pub mod guest;
 pub mod hypervisor;
+pub mod vmm;

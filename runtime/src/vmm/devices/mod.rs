@@ -1,0 +1,3 @@
+//! Devices the VMM emulates for its guest.
+
+pub mod virtio;

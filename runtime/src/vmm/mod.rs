@@ -1,0 +1,4 @@
+//! The vmpod VMM: one KVM microVM per process.
+
+pub mod bus;
+pub mod devices;
