@@ -574,6 +574,90 @@ async fn stats_and_updates(backend: Backend) {
         .expect("remove");
 }
 
+async fn sandbox_settings_namespaces_and_mounts(backend: Backend) {
+    let sandbox = Sandbox::start(backend);
+    let mut agent = sandbox.client().await;
+    let setup = SetupSandboxRequest {
+        hostname: "pod-x".into(),
+        dns_servers: vec!["10.0.0.10".into()],
+        dns_searches: vec!["svc.cluster.local".into()],
+        dns_options: vec!["ndots:5".into()],
+        // IPC-namespaced: the pod's own (the host agent unshares IPC).
+        sysctls: [("kernel.shm_rmid_forced".to_string(), "1".to_string())].into(),
+    };
+    agent.setup_sandbox(setup).await.expect("SetupSandbox");
+    let bad = SetupSandboxRequest {
+        sysctls: [("kernel.panic".to_string(), "1".to_string())].into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(agent.setup_sandbox(bad).await),
+        Code::InvalidArgument,
+        "host-wide sysctls are refused"
+    );
+
+    let show = "hostname; cat /etc/resolv.conf; cat /proc/sys/kernel/shm_rmid_forced";
+    let (code0, out, err) =
+        run_to_end(&mut agent, container(&sandbox, "s1", &["sh", "-c", show])).await;
+    assert_eq!(code0, 0, "{err}");
+    assert_eq!(
+        out, "pod-x\nnameserver 10.0.0.10\nsearch svc.cluster.local\noptions ndots:5\n1\n",
+        "the pod's hostname, DNS and sysctls reach the container"
+    );
+
+    // PID namespace: the container's own (it is PID 1 there), or the pod's.
+    let (_, own, _) = run_to_end(
+        &mut agent,
+        container(&sandbox, "p1", &["sh", "-c", "echo $$"]),
+    )
+    .await;
+    assert_eq!(own.trim(), "1");
+    let mut shared = container(&sandbox, "p2", &["sh", "-c", "echo $$"]);
+    shared.security = Some(Security {
+        share_pod_pid_namespace: true,
+        ..Default::default()
+    });
+    let (_, pid, _) = run_to_end(&mut agent, shared).await;
+    assert_ne!(
+        pid.trim(),
+        "1",
+        "a shared PID namespace is the pod's, where the agent's side runs too"
+    );
+
+    // Mounts: a tmpfs, and a bind mount of a directory of the sandbox.
+    let sandbox_files = match backend {
+        Backend::Host => sandbox.path().join("state/sandbox").display().to_string(),
+        Backend::QemuTcg => "/run/vmpod-agent/sandbox".to_string(),
+    };
+    let mut mounts = container(
+        &sandbox,
+        "m1",
+        &[
+            "sh",
+            "-c",
+            "grep ' /data ' /proc/mounts; cat /pod/resolv.conf; touch /pod/x",
+        ],
+    );
+    mounts.mounts = vec![
+        Mount {
+            destination: "/data".into(),
+            r#type: "tmpfs".into(),
+            ..Default::default()
+        },
+        Mount {
+            destination: "/pod".into(),
+            source: sandbox_files,
+            r#type: "bind".into(),
+            options: vec!["ro".into()],
+        },
+    ];
+    let (code1, out, err) = run_to_end(&mut agent, mounts).await;
+    assert!(out.starts_with("tmpfs /data tmpfs"), "{out}");
+    assert!(out.contains("nameserver 10.0.0.10"), "{out}");
+    assert_eq!(code1, 1, "the bind mount is read-only");
+    assert!(err.contains("Read-only file system"), "{err}");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -598,4 +682,5 @@ on_both_backends!(
     oom_kill_is_reported,
     security_settings_are_enforced,
     stats_and_updates,
+    sandbox_settings_namespaces_and_mounts,
 );
