@@ -2,3 +2,12 @@
 pub mod arch;
 pub mod bus;
 pub mod config;
+pub mod device_manager;
+pub mod devices;
+pub mod metrics;
+pub mod vcpu;
+pub mod control;
+pub mod machine;
+
+pub use machine::run;
+pub use vcpu::VmExitReason;
