@@ -71,3 +71,65 @@ pub fn sha256_digest(data: &[u8]) -> String {
     }
     s
 }
+
+/// Panics with a clear message unless /dev/kvm exists and can be opened
+/// read-write (tests that boot VMs with vmpod's own VMM need it).
+pub fn require_kvm() {
+    let path = Path::new("/dev/kvm");
+    assert!(
+        path.exists(),
+        "/dev/kvm does not exist: this test boots a VM with vmpod's VMM and needs KVM \
+         (load kvm_intel/kvm_amd, or run on a host with KVM or PVM)"
+    );
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        panic!(
+            "/dev/kvm cannot be opened read-write ({e}): run the tests as root or in the kvm group"
+        );
+    }
+}
+
+/// The freestanding test guest's sources (`tests/tests/freestanding_guest/`).
+pub fn freestanding_guest_dir() -> PathBuf {
+    workspace_root().join("tests/tests/freestanding_guest")
+}
+
+/// Builds the freestanding test guest into `out_dir` with gcc and returns the ELF.
+pub fn build_freestanding_guest(out_dir: &Path) -> PathBuf {
+    require_program("gcc", "gcc");
+    let src = freestanding_guest_dir();
+    let elf = out_dir.join("freestanding-guest.elf");
+    let output = std::process::Command::new("gcc")
+        .args([
+            "-ffreestanding",
+            "-mgeneral-regs-only",
+            "-nostdlib",
+            "-fno-pic",
+            "-no-pie",
+            "-static",
+            "-mno-red-zone",
+            "-fno-stack-protector",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            "-Wl,--build-id=none",
+            "-Wl,--no-warn-rwx-segments",
+            "-T",
+        ])
+        .arg(src.join("guest.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(src.join("start.S"))
+        .arg(src.join("main.c"))
+        .output()
+        .expect("running gcc");
+    assert!(
+        output.status.success(),
+        "building the freestanding guest failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    elf
+}

@@ -15,8 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::{IOAPIC_PINS, MMIO_GAP_START};
 use super::bus::{Bus, BusDevice, BusError};
-use super::devices::legacy::{EventFdTrigger, I8042Device, SerialDevice};
 use super::devices::legacy::serial::SerialOut;
+use super::devices::legacy::{EventFdTrigger, I8042Device, SerialDevice};
 
 /// The event loop's subscriber type.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -207,15 +207,11 @@ impl DeviceManager {
                     source,
                 })?;
             for (queue, evt) in dev.queue_events().iter().enumerate() {
-                vm.register_ioevent(
-                    evt,
-                    slot.base + VIRTIO_MMIO_QUEUE_NOTIFY,
-                    queue as u32,
-                )
-                .map_err(|source| DeviceManagerError::Kvm {
-                    what: "a virtio queue ioeventfd",
-                    source,
-                })?;
+                vm.register_ioevent(evt, slot.base + VIRTIO_MMIO_QUEUE_NOTIFY, queue as u32)
+                    .map_err(|source| DeviceManagerError::Kvm {
+                        what: "a virtio queue ioeventfd",
+                        source,
+                    })?;
             }
         }
         self.mmio_bus.insert(device, slot.base, MMIO_WINDOW)?;
@@ -309,10 +305,24 @@ mod tests {
         let mut dm = DeviceManager::new();
         let a = Arc::new(Mutex::new(FakeVirtioDevice::new(2)));
         let b = Arc::new(Mutex::new(FakeVirtioDevice::new(1)));
-        let sa = dm.add_virtio_mmio_device(&kvm, None, a.clone(), None).unwrap();
+        let sa = dm
+            .add_virtio_mmio_device(&kvm, None, a.clone(), None)
+            .unwrap();
         let sb = dm.add_virtio_mmio_device(&kvm, None, b, None).unwrap();
-        assert_eq!(sa, MmioSlot { base: 0xd000_0000, gsi: 5 });
-        assert_eq!(sb, MmioSlot { base: 0xd000_1000, gsi: 6 });
+        assert_eq!(
+            sa,
+            MmioSlot {
+                base: 0xd000_0000,
+                gsi: 5
+            }
+        );
+        assert_eq!(
+            sb,
+            MmioSlot {
+                base: 0xd000_1000,
+                gsi: 6
+            }
+        );
         assert_eq!(*kvm.irqfds.borrow(), vec![5, 6]);
         assert_eq!(
             *kvm.ioevents.borrow(),

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -131,7 +133,10 @@ impl MachineControl {
 
 impl ControlTarget for MachineControl {
     fn handle(&self, req: &ControlRequest) -> Result<serde_json::Value, String> {
-        let vcpus = self.vcpus.lock().map_err(|_| "VMM state poisoned".to_string())?;
+        let vcpus = self
+            .vcpus
+            .lock()
+            .map_err(|_| "VMM state poisoned".to_string())?;
         let Some(vcpus) = vcpus.as_ref() else {
             return Err("the VM is stopping".into());
         };
@@ -158,7 +163,10 @@ impl ControlTarget for MachineControl {
                 }
                 // A paused guest cannot react to Ctrl-Alt-Del.
                 vcpus.resume();
-                let devices = self.devices.lock().map_err(|_| "devices poisoned".to_string())?;
+                let devices = self
+                    .devices
+                    .lock()
+                    .map_err(|_| "devices poisoned".to_string())?;
                 let sent = match &devices.i8042 {
                     Some(i8042) => i8042
                         .lock()
@@ -237,17 +245,16 @@ pub fn run(
     started: Instant,
     add_devices: Option<DeviceHook<'_>>,
 ) -> Result<VmExitReason, MachineError> {
-    config
-        .validate()
-        .map_err(|e| MachineError::Os {
-            what: "invalid configuration",
-            source: std::io::Error::other(e),
-        })?;
+    config.validate().map_err(|e| MachineError::Os {
+        what: "invalid configuration",
+        source: std::io::Error::other(e),
+    })?;
     let kvm = Kvm::new().map_err(MachineError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     vm.create_pit2(kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -258,7 +265,12 @@ pub fn run(
     let memory = Arc::new(create_memory(&vm, memory_bytes)?);
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
     let initramfs = match &config.initramfs {
-        Some(path) => Some(boot::load_initramfs(&memory, path, kernel.end, memory_bytes)?),
+        Some(path) => Some(boot::load_initramfs(
+            &memory,
+            path,
+            kernel.end,
+            memory_bytes,
+        )?),
         None => None,
     };
     regs::write_boot_tables(&memory)?;
@@ -352,7 +364,9 @@ pub fn run(
         match vcpu.start() {
             Ok(t) => threads.push(t),
             Err(source) => {
-                exit.request(VmExitReason::VmmError(format!("starting a vCPU thread: {source}")));
+                exit.request(VmExitReason::VmmError(format!(
+                    "starting a vCPU thread: {source}"
+                )));
                 break;
             }
         }

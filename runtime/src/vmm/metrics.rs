@@ -95,9 +95,9 @@ impl VmmMetrics {
     pub fn note_exit(&self) {
         if self.first_exit_ns.load(Ordering::Relaxed) == 0 {
             let ns = self.started.elapsed().as_nanos().max(1) as u64;
-            let _ = self
-                .first_exit_ns
-                .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+            let _ =
+                self.first_exit_ns
+                    .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 }
@@ -164,11 +164,9 @@ mod tests {
     #[test]
     fn mincore_counts_touched_pages_only() {
         let len = 64 * 4096;
-        let gm = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
-            vm_memory::GuestAddress(0),
-            len,
-        )])
-        .unwrap();
+        let gm =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), len)])
+                .unwrap();
         use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
         let region = gm.iter().next().unwrap();
         let host = gm.get_host_address(vm_memory::GuestAddress(0)).unwrap();

@@ -2,12 +2,12 @@
 pub mod arch;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod devices;
+pub mod machine;
 pub mod metrics;
 pub mod vcpu;
-pub mod control;
-pub mod machine;
 
 pub use machine::run;
 pub use vcpu::VmExitReason;

@@ -95,7 +95,10 @@ impl VmExit {
 
     /// The recorded reason.
     pub fn reason(&self) -> Option<VmExitReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The eventfd the event loop watches.
@@ -179,10 +182,16 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     let _ = KVM_RUN.try_with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // SAFETY: the pointer is this thread's mmap'ed kvm_run, set while the
-            // VcpuFd that owns the mapping is alive on this thread and cleared
-            // before it is dropped; a byte-sized volatile store is signal-safe.
-            unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+            // The pointer is this thread's mmap'ed kvm_run, set while the VcpuFd
+            // that owns the mapping is alive on this thread and cleared before
+            // it is dropped.
+            let flag = run
+                .cast::<u8>()
+                .wrapping_add(std::mem::offset_of!(kvm_run, immediate_exit));
+            // SAFETY: `flag` points at the u8 immediate_exit field of this thread's
+            // live kvm_run mapping (see above); a byte-sized volatile store is
+            // async-signal-safe.
+            unsafe { std::ptr::write_volatile(flag, 1) };
         }
     });
 }
@@ -217,6 +226,26 @@ impl Vcpu {
             .spawn(move || self.run_loop())
     }
 
+    /// Where the guest was when it crashed, for the exit message.
+    fn crash_context(&mut self) -> String {
+        let mut out = format!("vcpu {}", self.id);
+        if let Ok(regs) = self.fd.get_regs() {
+            out.push_str(&format!(" rip={:#x} rsp={:#x}", regs.rip, regs.rsp));
+        }
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            // SAFETY: exit_reason says the `internal` member of the union is the one KVM filled.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let n = (internal.ndata as usize).min(internal.data.len());
+            out.push_str(&format!(
+                " suberror={} data={:x?}",
+                internal.suberror,
+                &internal.data[..n]
+            ));
+        }
+        out
+    }
+
     fn run_loop(mut self) {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let reason = loop {
@@ -228,6 +257,12 @@ impl Vcpu {
                     self.metrics.note_exit();
                     match handle_exit(exit, &self.pio, &self.mmio, &self.metrics.exits) {
                         Next::Continue => {}
+                        Next::Stop(VmExitReason::GuestCrash(m)) => {
+                            break Some(VmExitReason::GuestCrash(format!(
+                                "{m}; {}",
+                                self.crash_context()
+                            )));
+                        }
                         Next::Stop(r) => break Some(r),
                     }
                 }
@@ -321,14 +356,24 @@ fn unhandled_pio(c: &ExitCounters, port: u16, dir: &str) {
     let n = ExitCounters::inc(&c.unhandled_pio);
     // 0x80 is the POST/delay port: written constantly, never interesting.
     if port != 0x80 && should_log(n) {
-        tracing::debug!(port = format_args!("{port:#x}"), dir, count = n + 1, "port I/O with no device");
+        tracing::debug!(
+            port = format_args!("{port:#x}"),
+            dir,
+            count = n + 1,
+            "port I/O with no device"
+        );
     }
 }
 
 fn unhandled_mmio(c: &ExitCounters, addr: u64, dir: &str) {
     let n = ExitCounters::inc(&c.unhandled_mmio);
     if should_log(n) {
-        tracing::warn!(addr = format_args!("{addr:#x}"), dir, count = n + 1, "MMIO with no device");
+        tracing::warn!(
+            addr = format_args!("{addr:#x}"),
+            dir,
+            count = n + 1,
+            "MMIO with no device"
+        );
     }
 }
 
@@ -445,8 +490,10 @@ mod tests {
         let threads = (0..2)
             .map(|_| {
                 let c = control.clone();
-                std::thread::spawn(move || while c.wait_runnable() {
-                    std::thread::sleep(Duration::from_millis(1));
+                std::thread::spawn(move || {
+                    while c.wait_runnable() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 })
             })
             .collect();

@@ -13,8 +13,7 @@ use linux_loader::loader::{KernelLoader, elf::Elf, load_cmdline};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
-    CMDLINE_START, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START, MMIO_GAP_START,
-    ZERO_PAGE_START,
+    CMDLINE_START, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START,
 };
 
 /// Errors from loading the guest.
@@ -32,7 +31,9 @@ pub enum BootError {
         #[source]
         source: linux_loader::loader::Error,
     },
-    #[error("the initramfs ({size} bytes) does not fit between the kernel end {kernel_end:#x} and {ram_end:#x}")]
+    #[error(
+        "the initramfs ({size} bytes) does not fit between the kernel end {kernel_end:#x} and {ram_end:#x}"
+    )]
     InitramfsTooLarge {
         size: u64,
         kernel_end: u64,
@@ -160,7 +161,9 @@ pub fn e820_map(memory_bytes: u64) -> Vec<(u64, u64, u32)> {
 pub fn build_cmdline(base: &str, extra: &[String], capacity: usize) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(capacity).map_err(BootError::Cmdline)?;
     if !base.trim().is_empty() {
-        cmdline.insert_str(base.trim()).map_err(BootError::Cmdline)?;
+        cmdline
+            .insert_str(base.trim())
+            .map_err(BootError::Cmdline)?;
     }
     for e in extra {
         cmdline.insert_str(e).map_err(BootError::Cmdline)?;
@@ -300,10 +303,13 @@ mod tests {
         let magic: u32 = gm.read_obj(GuestAddress(ZERO_PAGE_START + 0x202)).unwrap();
         assert_eq!(magic, KERNEL_HDR_MAGIC);
         let mut text = vec![0u8; 52];
-        gm.read_slice(&mut text, GuestAddress(CMDLINE_START)).unwrap();
+        gm.read_slice(&mut text, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(
             &text[..51],
-            b"console=ttyS0 virtio_mmio.device=4K@0xd0000000:5\0\0\0".get(..51).unwrap()
+            b"console=ttyS0 virtio_mmio.device=4K@0xd0000000:5\0\0\0"
+                .get(..51)
+                .unwrap()
         );
     }
 

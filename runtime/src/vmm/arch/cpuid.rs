@@ -12,14 +12,8 @@
 use kvm_bindings::kvm_cpuid_entry2;
 
 // Leaf 1 ECX bits cleared: DTES64, MONITOR, DS-CPL, VMX, SMX, EST, TM2, PDCM.
-const LEAF1_ECX_MASKED: u32 = (1 << 2)
-    | (1 << 3)
-    | (1 << 4)
-    | (1 << 5)
-    | (1 << 6)
-    | (1 << 7)
-    | (1 << 8)
-    | (1 << 15);
+const LEAF1_ECX_MASKED: u32 =
+    (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15);
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 // Leaf 1 EDX bits cleared: DS, ACPI (thermal MSRs), TM, PBE.
 const LEAF1_EDX_MASKED: u32 = (1 << 21) | (1 << 22) | (1 << 29) | (1 << 31);

@@ -36,7 +36,10 @@ pub const FLOATING_LEN: usize = 16;
 pub const HEADER_LEN: usize = 44;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The MP table bytes for `num_cpus` vCPUs, to be placed at guest address `base`.

@@ -265,7 +265,12 @@ mod tests {
     #[test]
     fn msrs_include_syscall_state() {
         let idx: Vec<u32> = boot_msr_entries().iter().map(|e| e.index).collect();
-        for m in [msr::LSTAR, msr::STAR, msr::IA32_MISC_ENABLE, msr::MTRR_DEF_TYPE] {
+        for m in [
+            msr::LSTAR,
+            msr::STAR,
+            msr::IA32_MISC_ENABLE,
+            msr::MTRR_DEF_TYPE,
+        ] {
             assert!(idx.contains(&m));
         }
     }

@@ -109,7 +109,7 @@ mod tests {
         }
         // Empty and oversized accesses, offsets past the UART: ignored.
         dev.write(0, &[]);
-        dev.write(1 << 40, &[b'x']);
+        dev.write(1 << 40, b"x");
         let mut empty = [];
         dev.read(0, &mut empty);
         let mut lsr = [0u8; 4];
