@@ -130,7 +130,10 @@ fn control_socket_pauses_reports_and_shuts_down_gracefully() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let elf = build_freestanding_guest(dir.path());
-    let cfg = config(elf, "console=ttyS0 guest.wait_cad", dir.path());
+    let mut cfg = config(elf, "console=ttyS0 guest.wait_cad", dir.path());
+    // The second vCPU sits in KVM waiting for a SIPI that never comes: pause
+    // and stop must still get it out.
+    cfg.vcpus = 2;
     let serial = dir.path().join("serial.log");
     let rx = start(cfg);
     assert!(
@@ -144,7 +147,7 @@ fn control_socket_pauses_reports_and_shuts_down_gracefully() {
         (Some(true), Some("running")),
         "{v}"
     );
-    assert_eq!(v["vcpus"], 1);
+    assert_eq!(v["vcpus"], 2);
 
     let v = ctl(dir.path(), r#"{"op":"pause"}"#);
     assert_eq!(v["ok"], true, "{v}");
@@ -241,6 +244,8 @@ fn linux_kernel_boot_smoke() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(artefact("vmlinux"), CMDLINE_SMOKE, dir.path());
     cfg.memory_mib = 256;
+    // Two vCPUs: the kernel must find both in our MP table.
+    cfg.vcpus = 2;
     cfg.initramfs = Some(artefact("initramfs.cpio"));
     let serial = dir.path().join("serial.log");
     let rx = start(cfg);
@@ -255,6 +260,9 @@ fn linux_kernel_boot_smoke() {
         "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]".into(),
         "RAMDISK: [mem 0x0fc".into(),
         "MPTABLE: OEM ID: VMPOD".into(),
+        "Processor #1".into(),
+        "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23".into(),
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs".into(),
         "Memory: ".into(),
     ];
     let last = markers[markers.len() - 1].clone();

@@ -261,6 +261,7 @@ pub fn run(
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
+    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "kvm VM created");
     let memory_bytes = config.memory_bytes();
     let memory = Arc::new(create_memory(&vm, memory_bytes)?);
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
@@ -276,6 +277,7 @@ pub fn run(
     regs::write_boot_tables(&memory)?;
     mptable::write_mptable(&memory, EBDA_START, config.vcpus)?;
 
+    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "guest loaded");
     let exit = Arc::new(VmExit::new().map_err(|source| MachineError::Os {
         what: "creating the exit eventfd",
         source,
@@ -312,6 +314,7 @@ pub fn run(
     let serial = dm.serial.clone();
     let devices = Arc::new(Mutex::new(dm));
 
+    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "devices ready");
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -344,6 +347,7 @@ pub fn run(
         });
     }
 
+    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "vCPUs configured");
     let shutdown_deadline = Arc::new(Mutex::new(None::<Instant>));
     let handles = Arc::new(Mutex::new(None::<VcpuHandles>));
     if let Some(path) = &config.control_socket {
@@ -378,6 +382,7 @@ pub fn run(
         });
     }
 
+    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "vCPUs started");
     let reason = loop {
         if let Err(e) = event_manager.run_with_timeout(LOOP_TICK_MS) {
             break VmExitReason::VmmError(format!("event loop: {e:?}"));
@@ -407,5 +412,16 @@ pub fn run(
         }
     }
     let _ = std::io::stdout().flush();
+    let exits = metrics.exits.snapshot();
+    tracing::info!(
+        first_exit_us = metrics.first_exit_ns.load(Ordering::Relaxed) / 1000,
+        run_ms = metrics.started.elapsed().as_millis() as u64,
+        vmm_rss_kib = proc_status_bytes("VmRSS").unwrap_or(0) / 1024,
+        guest_touched_kib = guest_touched_bytes(&memory) / 1024,
+        io_out = exits.io_out,
+        io_in = exits.io_in,
+        mmio = exits.mmio_read + exits.mmio_write,
+        "VM ended: {reason}"
+    );
     Ok(reason)
 }
