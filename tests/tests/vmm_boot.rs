@@ -3,94 +3,11 @@
 //! stock guest kernel gets (on PVM hosts the instruction emulator stops it,
 //! see `linux_kernel_boot_smoke`).
 
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vmpod::vmm::VmExitReason;
-use vmpod::vmm::config::{SerialConfig, VmmConfig};
-use vmpod::vmm::control::request;
+use vmpod_tests::vmm::{VM_TIMEOUT, config, ctl, read, start, wait_end, wait_serial};
 use vmpod_tests::{artefact, build_freestanding_guest, require_kvm};
-
-const VM_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn config(kernel: PathBuf, cmdline: &str, dir: &Path) -> VmmConfig {
-    VmmConfig {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel,
-        initramfs: None,
-        cmdline: cmdline.into(),
-        vsock: None,
-        block: vec![],
-        net: None,
-        serial: Some(SerialConfig {
-            path: dir.join("serial.log"),
-        }),
-        control_socket: Some(dir.join("control.sock")),
-    }
-}
-
-/// Runs the VM on a thread; the receiver yields its end.
-fn start(cfg: VmmConfig) -> mpsc::Receiver<Result<VmExitReason, String>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = vmpod::vmm::run(&cfg, Instant::now(), None).map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            msg
-        });
-        let _ = tx.send(r);
-    });
-    rx
-}
-
-fn wait_end(rx: &mpsc::Receiver<Result<VmExitReason, String>>, serial: &Path) -> VmExitReason {
-    match rx.recv_timeout(VM_TIMEOUT) {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => panic!("the VMM failed: {e}\nserial:\n{}", read(serial)),
-        Err(_) => panic!(
-            "the VM did not end within {VM_TIMEOUT:?}\nserial:\n{}",
-            read(serial)
-        ),
-    }
-}
-
-fn read(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
-/// Polls the serial log until it contains `needle` (bounded).
-fn wait_serial(path: &Path, needle: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if read(path).contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn ctl(dir: &Path, req: &str) -> serde_json::Value {
-    let path = dir.join("control.sock");
-    // The socket appears once the VM is built.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match request(&path, req, Duration::from_secs(10)) {
-            Ok(v) => return v,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("control request {req} failed: {e}"),
-        }
-    }
-}
 
 #[test]
 fn freestanding_guest_boots_through_the_linux_path_and_resets() {

@@ -77,6 +77,9 @@ pub struct VmmConfig {
     /// The control socket (JSON lines); none when absent.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Confine the vCPU and event-loop threads with seccomp once the VM is built.
+    #[serde(default)]
+    pub seccomp: bool,
 }
 
 /// The hybrid vsock device.

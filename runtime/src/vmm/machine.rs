@@ -21,6 +21,7 @@ use super::control::{ControlRequest, ControlServer, ControlTarget, shutdown_time
 use super::device_manager::{DeviceManager, Subscriber, VmmEventManager};
 use super::devices::legacy::serial::SerialOut;
 use super::metrics::{VmmMetrics, proc_status_bytes, resident_bytes};
+use super::seccomp;
 use super::vcpu::{Vcpu, VcpuControl, VcpuHandles, VmExit, VmExitReason, install_kick_handler};
 
 /// Where KVM puts its TSS (three pages just below the BIOS area, out of RAM).
@@ -65,6 +66,8 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("seccomp")]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("the event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
 }
@@ -261,7 +264,10 @@ pub fn run(
     })
     .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "kvm VM created");
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "kvm VM created"
+    );
     let memory_bytes = config.memory_bytes();
     let memory = Arc::new(create_memory(&vm, memory_bytes)?);
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
@@ -277,7 +283,10 @@ pub fn run(
     regs::write_boot_tables(&memory)?;
     mptable::write_mptable(&memory, EBDA_START, config.vcpus)?;
 
-    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "guest loaded");
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "guest loaded"
+    );
     let exit = Arc::new(VmExit::new().map_err(|source| MachineError::Os {
         what: "creating the exit eventfd",
         source,
@@ -314,7 +323,10 @@ pub fn run(
     let serial = dm.serial.clone();
     let devices = Arc::new(Mutex::new(dm));
 
-    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "devices ready");
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "devices ready"
+    );
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -323,6 +335,14 @@ pub fn run(
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
     let control = Arc::new(VcpuControl::default());
+    let (vcpu_filter, loop_filter) = if config.seccomp {
+        (
+            Some(Arc::new(seccomp::vcpu_filter()?)),
+            Some(seccomp::event_loop_filter()?),
+        )
+    } else {
+        (None, None)
+    };
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let fd = vm
@@ -344,10 +364,14 @@ pub fn run(
             exit: exit.clone(),
             metrics: metrics.clone(),
             control: control.clone(),
+            seccomp: vcpu_filter.clone(),
         });
     }
 
-    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "vCPUs configured");
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "vCPUs configured"
+    );
     let shutdown_deadline = Arc::new(Mutex::new(None::<Instant>));
     let handles = Arc::new(Mutex::new(None::<VcpuHandles>));
     if let Some(path) = &config.control_socket {
@@ -382,7 +406,15 @@ pub fn run(
         });
     }
 
-    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "vCPUs started");
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "vCPUs started"
+    );
+    if let Some(filter) = &loop_filter {
+        if let Err(e) = seccomp::apply(filter) {
+            exit.request(VmExitReason::VmmError(e.to_string()));
+        }
+    }
     let reason = loop {
         if let Err(e) = event_manager.run_with_timeout(LOOP_TICK_MS) {
             break VmExitReason::VmmError(format!("event loop: {e:?}"));

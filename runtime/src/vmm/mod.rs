@@ -7,6 +7,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod machine;
 pub mod metrics;
+pub mod seccomp;
 pub mod vcpu;
 
 pub use machine::run;

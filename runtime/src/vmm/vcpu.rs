@@ -210,6 +210,8 @@ pub struct Vcpu {
     pub exit: Arc<VmExit>,
     pub metrics: Arc<VmmMetrics>,
     pub control: Arc<VcpuControl>,
+    /// The seccomp filter this thread installs before its first KVM_RUN.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 /// What the run loop does after an exit.
@@ -247,6 +249,13 @@ impl Vcpu {
     }
 
     fn run_loop(mut self) {
+        if let Some(filter) = &self.seccomp {
+            if let Err(e) = super::seccomp::apply(filter) {
+                self.exit
+                    .request(VmExitReason::VmmError(format!("vCPU {}: {e}", self.id)));
+                return;
+            }
+        }
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let reason = loop {
             if !self.control.wait_runnable() {
