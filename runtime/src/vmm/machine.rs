@@ -124,7 +124,15 @@ impl MachineControl {
     fn metrics_json(&self) -> serde_json::Value {
         let rss = proc_status_bytes("VmRSS").unwrap_or(0);
         let touched = guest_touched_bytes(&self.memory);
+        let serial_dropped = self
+            .devices
+            .lock()
+            .ok()
+            .and_then(|d| d.serial.clone())
+            .and_then(|s| s.lock().ok().map(|s| s.output_errors))
+            .unwrap_or(0);
         serde_json::json!({
+            "serial_output_errors": serial_dropped,
             "vmm_rss_bytes": rss,
             "guest_touched_bytes": touched,
             "vmm_rss_excluding_guest_bytes": rss.saturating_sub(touched),
@@ -219,9 +227,14 @@ fn create_memory(vm: &VmFd, memory_bytes: u64) -> Result<GuestMemoryMmap, Machin
 fn serial_output(config: &VmmConfig) -> Result<SerialOut, MachineError> {
     match &config.serial {
         Some(s) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Non-blocking: a FIFO without a reader fails here instead of
+            // blocking start-up, and a full one drops console bytes (counted)
+            // instead of stalling the vCPU that writes them.
             let file = File::options()
                 .create(true)
                 .append(true)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(&s.path)
                 .map_err(|source| MachineError::SerialOut {
                     path: s.path.display().to_string(),
