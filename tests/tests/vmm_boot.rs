@@ -212,3 +212,152 @@ fn linux_kernel_boot_smoke() {
     eprintln!("linux boot smoke: VM ended with: {reason}");
     eprintln!("last serial line: {:?}", out.lines().last().unwrap_or(""));
 }
+
+mod device_hook {
+    //! The DeviceHook path under real KVM, with a fake virtio-mmio device:
+    //! the generic `add_virtio_mmio_device` registers a real irqfd and
+    //! ioeventfd, the guest finds the device on its command line, reads it
+    //! through the MMIO bus and notifies it through the ioeventfd, and the
+    //! control socket reaches the hook's DeviceControl.
+
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use vmm_sys_util::eventfd::EventFd;
+    use vmpod::vmm::VmExitReason;
+    use vmpod::vmm::bus::BusDevice;
+    use vmpod::vmm::config::BlockSlotConfig;
+    use vmpod::vmm::control::DeviceControl;
+    use vmpod::vmm::device_manager::VirtioMmioDevice;
+    use vmpod_tests::vmm::{VM_TIMEOUT, config, ctl, read, wait_serial};
+    use vmpod_tests::{build_freestanding_guest, require_kvm};
+
+    struct FakeDevice {
+        queue: EventFd,
+        irq: EventFd,
+    }
+
+    impl BusDevice for FakeDevice {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            if offset == 0 && data.len() == 4 {
+                data.copy_from_slice(&0x7472_6976u32.to_le_bytes()); // "virt"
+            }
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    impl VirtioMmioDevice for FakeDevice {
+        fn queue_events(&self) -> Vec<EventFd> {
+            vec![self.queue.try_clone().unwrap()]
+        }
+        fn interrupt_evt(&self) -> &EventFd {
+            &self.irq
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeControl(Mutex<Vec<String>>);
+
+    impl DeviceControl for FakeControl {
+        fn block_attach(&self, slot: usize, path: &Path, ro: bool) -> Result<(), String> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("attach {slot} {} {ro}", path.display()));
+            Ok(())
+        }
+        fn block_detach(&self, slot: usize) -> Result<(), String> {
+            self.0.lock().unwrap().push(format!("detach {slot}"));
+            Err("slot busy".into())
+        }
+        fn metrics(&self) -> serde_json::Value {
+            serde_json::json!({"fake": {"requests": 7}})
+        }
+    }
+
+    #[test]
+    fn virtio_mmio_device_is_declared_routed_and_notified() {
+        require_kvm();
+        let dir = tempfile::tempdir().unwrap();
+        let elf = build_freestanding_guest(dir.path());
+        let mut cfg = config(elf, "console=ttyS0 guest.wait_cad", dir.path());
+        cfg.block = vec![BlockSlotConfig {
+            path: None,
+            read_only: true,
+        }];
+        let queue = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let queue_seen = queue.try_clone().unwrap();
+        let control = Arc::new(FakeControl::default());
+        let control_in = control.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let device = Arc::new(Mutex::new(FakeDevice {
+                queue,
+                irq: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            }));
+            let mut hook =
+                move |vm: &kvm_ioctls::VmFd,
+                      dm: &mut vmpod::vmm::device_manager::DeviceManager,
+                      em: &mut vmpod::vmm::device_manager::VmmEventManager,
+                      _mem: &Arc<vm_memory::GuestMemoryMmap>| {
+                    dm.add_virtio_mmio_device(vm, Some(em), device.clone(), None)?;
+                    let dc: Arc<dyn DeviceControl> = control_in.clone();
+                    Ok(Some(dc))
+                };
+            let r = vmpod::vmm::run(&cfg, Instant::now(), Some(&mut hook));
+            let _ = tx.send(r.map_err(|e| format!("{e:?}")));
+        });
+        let serial = dir.path().join("serial.log");
+        assert!(
+            wait_serial(&serial, "waiting: ctrl-alt-del", Duration::from_secs(30)),
+            "{}",
+            read(&serial)
+        );
+        let out = read(&serial);
+        assert!(
+            out.contains(
+                "cmdline: console=ttyS0 guest.wait_cad virtio_mmio.device=4K@0xd0000000:5\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("virtio-mmio: base 0xd0000000 magic 0x74726976\n"),
+            "{out}"
+        );
+        assert!(out.contains("virtio-mmio: notified queue 0\n"), "{out}");
+        assert_eq!(
+            queue_seen
+                .read()
+                .expect("the QueueNotify write reached the ioeventfd"),
+            1
+        );
+
+        let v = ctl(dir.path(), r#"{"op":"metrics"}"#);
+        assert_eq!(v["devices"]["fake"]["requests"], 7, "{v}");
+        let v = ctl(
+            dir.path(),
+            r#"{"op":"block_attach","slot":0,"path":"/img/a.erofs","read_only":true}"#,
+        );
+        assert_eq!(v["ok"], true, "{v}");
+        let v = ctl(dir.path(), r#"{"op":"block_detach","slot":0}"#);
+        assert_eq!(
+            (v["ok"].as_bool(), v["error"].as_str()),
+            (Some(false), Some("slot busy"))
+        );
+        let v = ctl(dir.path(), r#"{"op":"block_detach","slot":1}"#);
+        assert_eq!(v["ok"], false, "slot 1 does not exist: {v}");
+        assert_eq!(
+            *control.0.lock().unwrap(),
+            vec![
+                "attach 0 /img/a.erofs true".to_string(),
+                "detach 0".to_string()
+            ]
+        );
+
+        let v = ctl(dir.path(), r#"{"op":"shutdown","timeout_ms":30000}"#);
+        assert_eq!(v["ok"], true, "{v}");
+        let end = rx.recv_timeout(VM_TIMEOUT).expect("VM ended");
+        assert_eq!(end, Ok(VmExitReason::Reset));
+    }
+}

@@ -7,7 +7,11 @@
 //! → {"op":"resume"}              ← {"ok":true}
 //! → {"op":"shutdown","timeout_ms":5000}
 //!                                ← {"ok":true}  (Ctrl-Alt-Del now; stopped at the deadline)
-//! → {"op":"metrics"}             ← {"ok":true,"vmm_rss_bytes":...,"guest_touched_bytes":...,"exits":{...}}
+//! → {"op":"metrics"}             ← {"ok":true,"vmm_rss_bytes":...,"guest_touched_bytes":...,"exits":{...},"devices":{...}}
+//! → {"op":"block_attach","slot":0,"path":"/img/rootfs.erofs","read_only":true}
+//!                                ← {"ok":true}  (attach, or replace what the slot holds)
+//! → {"op":"block_detach","slot":0}
+//!                                ← {"ok":true}
 //! ```
 //!
 //! Clients are hostile as far as the VMM cares: lines are bounded, the
@@ -57,6 +61,60 @@ pub enum ControlRequest {
         timeout_ms: Option<u64>,
     },
     Metrics,
+    /// Attach a backing file to a block slot, replacing what it holds.
+    BlockAttach {
+        slot: usize,
+        path: PathBuf,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Empty a block slot.
+    BlockDetach {
+        slot: usize,
+    },
+}
+
+/// Longest path accepted for a block backing file.
+pub const MAX_PATH: usize = 4096;
+
+impl ControlRequest {
+    /// Checks the bounds a request must meet before anything acts on it.
+    pub fn validate(&self, block_slots: usize) -> Result<(), String> {
+        match self {
+            ControlRequest::BlockAttach { slot, path, .. } => {
+                check_slot(*slot, block_slots)?;
+                let len = path.as_os_str().len();
+                if !path.is_absolute() || len > MAX_PATH {
+                    return Err(format!(
+                        "block path must be absolute and at most {MAX_PATH} bytes"
+                    ));
+                }
+                Ok(())
+            }
+            ControlRequest::BlockDetach { slot } => check_slot(*slot, block_slots),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check_slot(slot: usize, slots: usize) -> Result<(), String> {
+    if slot < slots {
+        Ok(())
+    } else {
+        Err(format!("no block slot {slot} (the VM has {slots})"))
+    }
+}
+
+/// Run-time control of the virtio devices, implemented where the devices
+/// are wired in (see `machine::DeviceHook`).
+pub trait DeviceControl: Send + Sync {
+    /// Attaches `path` to block slot `slot` (replacing its file, if any) and
+    /// tells the guest the capacity changed.
+    fn block_attach(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), String>;
+    /// Detaches block slot `slot`'s file; the guest sees capacity 0.
+    fn block_detach(&self, slot: usize) -> Result<(), String>;
+    /// Per-device counters for the metrics reply.
+    fn metrics(&self) -> serde_json::Value;
 }
 
 /// Parses one request line.
@@ -279,6 +337,49 @@ mod tests {
             parse_request(br#"{"op":"shutdown"}"#),
             Ok(ControlRequest::Shutdown { timeout_ms: None })
         );
+        assert_eq!(
+            parse_request(br#"{"op":"block_attach","slot":1,"path":"/a/b.img"}"#),
+            Ok(ControlRequest::BlockAttach {
+                slot: 1,
+                path: "/a/b.img".into(),
+                read_only: false
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"block_detach","slot":0}"#),
+            Ok(ControlRequest::BlockDetach { slot: 0 })
+        );
+    }
+
+    #[test]
+    fn block_requests_are_bounded() {
+        let attach = |slot, path: &str| ControlRequest::BlockAttach {
+            slot,
+            path: path.into(),
+            read_only: true,
+        };
+        assert!(attach(0, "/img").validate(1).is_ok());
+        assert!(attach(1, "/img").validate(1).is_err(), "slot out of range");
+        assert!(attach(0, "relative/img").validate(1).is_err());
+        assert!(
+            attach(0, &format!("/{}", "a".repeat(MAX_PATH)))
+                .validate(1)
+                .is_err()
+        );
+        assert!(ControlRequest::BlockDetach { slot: 0 }.validate(0).is_err());
+        assert!(ControlRequest::Status.validate(0).is_ok());
+        for bad in [
+            &br#"{"op":"block_attach","slot":-1,"path":"/a"}"#[..],
+            br#"{"op":"block_attach","slot":0}"#,
+            br#"{"op":"block_detach"}"#,
+            br#"{"op":"block_attach","slot":0,"path":"/a","read_only":"yes"}"#,
+        ] {
+            assert!(
+                parse_request(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

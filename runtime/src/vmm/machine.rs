@@ -17,7 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::{self, EBDA_START, boot, cpuid, mptable, regs};
 use super::config::{MAX_CMDLINE_LEN, VmmConfig};
-use super::control::{ControlRequest, ControlServer, ControlTarget, shutdown_timeout};
+use super::control::{
+    ControlRequest, ControlServer, ControlTarget, DeviceControl, shutdown_timeout,
+};
 use super::device_manager::{DeviceManager, Subscriber, VmmEventManager};
 use super::devices::legacy::serial::SerialOut;
 use super::metrics::{VmmMetrics, proc_status_bytes, resident_bytes};
@@ -106,6 +108,7 @@ struct MachineControl {
     memory: Arc<GuestMemoryMmap>,
     vcpus: Arc<Mutex<Option<VcpuHandles>>>,
     devices: Arc<Mutex<DeviceManager>>,
+    device_control: Option<Arc<dyn DeviceControl>>,
     shutdown_deadline: Arc<Mutex<Option<Instant>>>,
 }
 
@@ -121,6 +124,12 @@ pub fn guest_touched_bytes(memory: &GuestMemoryMmap) -> u64 {
 }
 
 impl MachineControl {
+    fn device_control(&self) -> Result<&Arc<dyn DeviceControl>, String> {
+        self.device_control
+            .as_ref()
+            .ok_or_else(|| "this VMM has no block devices wired in".to_string())
+    }
+
     fn metrics_json(&self) -> serde_json::Value {
         let rss = proc_status_bytes("VmRSS").unwrap_or(0);
         let touched = guest_touched_bytes(&self.memory);
@@ -138,12 +147,34 @@ impl MachineControl {
             "vmm_rss_excluding_guest_bytes": rss.saturating_sub(touched),
             "first_exit_ns": self.metrics.first_exit_ns.load(Ordering::Relaxed),
             "exits": self.metrics.exits.snapshot(),
+            "devices": self
+                .device_control
+                .as_ref()
+                .map_or(serde_json::Value::Null, |d| d.metrics()),
         })
     }
 }
 
 impl ControlTarget for MachineControl {
     fn handle(&self, req: &ControlRequest) -> Result<serde_json::Value, String> {
+        req.validate(self.config.block.len())?;
+        match req {
+            ControlRequest::BlockAttach {
+                slot,
+                path,
+                read_only,
+            } => {
+                let dc = self.device_control()?;
+                return dc
+                    .block_attach(*slot, path, *read_only)
+                    .map(|()| serde_json::json!({}));
+            }
+            ControlRequest::BlockDetach { slot } => {
+                let dc = self.device_control()?;
+                return dc.block_detach(*slot).map(|()| serde_json::json!({}));
+            }
+            _ => {}
+        }
         let vcpus = self
             .vcpus
             .lock()
@@ -189,6 +220,9 @@ impl ControlTarget for MachineControl {
                 Ok(serde_json::json!({ "ctrl_alt_del_sent": sent }))
             }
             ControlRequest::Metrics => Ok(self.metrics_json()),
+            ControlRequest::BlockAttach { .. } | ControlRequest::BlockDetach { .. } => {
+                Err("handled above".into())
+            }
         }
     }
 }
@@ -246,14 +280,18 @@ fn serial_output(config: &VmmConfig) -> Result<SerialOut, MachineError> {
     }
 }
 
-/// Extra virtio devices to attach, given the VM and the device manager; the
-/// lead wires the devices branch's vsock/blk/net/rng here.
+/// Adds the virtio devices (vsock, blk, net, rng) to a VM being built:
+/// called once, before the command line is written, with the VM, the device
+/// manager ([`DeviceManager::add_virtio_mmio_device`]), the event loop and
+/// guest memory. Returns the run-time control of those devices, if any
+/// (block slot attach/detach, per-device metrics on the control socket).
 pub type DeviceHook<'a> = &'a mut dyn FnMut(
     &VmFd,
     &mut DeviceManager,
     &mut VmmEventManager,
     &Arc<GuestMemoryMmap>,
-) -> Result<(), MachineError>;
+)
+    -> Result<Option<Arc<dyn DeviceControl>>, MachineError>;
 
 /// Builds the VM described by `config` and runs it until it ends.
 pub fn run(
@@ -318,9 +356,10 @@ pub fn run(
             source,
         })?,
     )?;
-    if let Some(hook) = add_devices {
-        hook(&vm, &mut dm, &mut event_manager, &memory)?;
-    }
+    let device_control = match add_devices {
+        Some(hook) => hook(&vm, &mut dm, &mut event_manager, &memory)?,
+        None => None,
+    };
     let cmdline = boot::build_cmdline(&config.cmdline, dm.cmdline_args(), MAX_CMDLINE_LEN)?;
     boot::write_boot_info(&memory, &cmdline, initramfs, memory_bytes)?;
 
@@ -394,6 +433,7 @@ pub fn run(
             memory: memory.clone(),
             vcpus: handles.clone(),
             devices: devices.clone(),
+            device_control: device_control.clone(),
             shutdown_deadline: shutdown_deadline.clone(),
         });
         let server: Subscriber = Arc::new(Mutex::new(ControlServer::bind(path, target)?));

@@ -39,6 +39,64 @@ static int cmdline_has(const u8 *bp, const char *word) {
     return 0;
 }
 
+/* Finds the first `virtio_mmio.device=4K@0x<base>:<gsi>` on the command
+ * line and returns <base> (0 when there is none). The start of a virtio-mmio
+ * driver: the devices the VMM declares are found exactly as Linux finds them. */
+static u64 first_virtio_mmio_base(const u8 *bp) {
+    static const char key[] = "virtio_mmio.device=4K@0x";
+    const char *c = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
+    u32 size = bp_u32(bp, BP_CMDLINE_SIZE);
+    for (u32 i = 0; i < size && i < 2048 && c[i]; i++) {
+        u32 j = 0;
+        while (key[j] && i + j < size && c[i + j] == key[j]) j++;
+        if (key[j]) continue;
+        u64 base = 0;
+        for (u32 k = i + j; k < size && k < i + j + 16; k++) {
+            char h = c[k];
+            u64 d;
+            if (h >= '0' && h <= '9') d = h - '0';
+            else if (h >= 'a' && h <= 'f') d = h - 'a' + 10;
+            else break;
+            base = base << 4 | d;
+        }
+        return base;
+    }
+    return 0;
+}
+
+/* The VMM's boot page tables map only the first GiB (as Firecracker's do);
+ * the MMIO gap at 3-4 GiB needs our own page directory, uncached. */
+static u64 mmio_pd[512] __attribute__((aligned(4096)));
+
+static void map_mmio_gap(void) {
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *pml4 = (u64 *)(cr3 & ~0xfffUL);
+    u64 *pdpt = (u64 *)(pml4[0] & ~0xfffUL);
+    for (u64 i = 0; i < 512; i++)
+        mmio_pd[i] = ((3UL << 30) + (i << 21)) | 0x80 /* 2 MiB */ | 0x10 /* PCD */ | 0x08 /* PWT */ | 0x3;
+    pdpt[3] = (u64)mmio_pd | 0x3;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+}
+
+#define VIRTIO_MMIO_MAGIC 0x000
+#define VIRTIO_MMIO_QUEUE_NOTIFY 0x050
+
+/* Reads the first virtio-mmio device's magic (an MMIO exit routed by the
+ * VMM's bus) and notifies its queue 0 (an ioeventfd: no exit at all). */
+static void probe_virtio_mmio(const u8 *bp) {
+    u64 base = first_virtio_mmio_base(bp);
+    if (!base) return;
+    map_mmio_gap();
+    puts("virtio-mmio: base ");
+    puthex(base);
+    puts(" magic ");
+    puthex(mmio_read32(base + VIRTIO_MMIO_MAGIC));
+    putc('\n');
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    puts("virtio-mmio: notified queue 0\n");
+}
+
 /* Waits for Ctrl-Alt-Del from the i8042 (polled: the guest has no IDT),
  * then resets: the VMM's graceful shutdown path. */
 static void wait_for_ctrl_alt_del(void) {
@@ -63,6 +121,7 @@ void guest_main(const u8 *boot_params) {
     putc('\n');
     report_cmdline(boot_params);
     report_e820(boot_params);
+    probe_virtio_mmio(boot_params);
     if (cmdline_has(boot_params, "guest.idle")) {
         /* Interrupts off, halted: an idle VM that ignores shutdown requests. */
         puts("idle: halting\n");
