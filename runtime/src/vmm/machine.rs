@@ -11,7 +11,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOp
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,6 +38,8 @@ const LOOP_TICK_MS: i32 = 100;
 pub enum MachineError {
     #[error("opening /dev/kvm (is KVM available and accessible?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("this KVM lacks {0}")]
+    MissingCapabilities(String),
     #[error("KVM {op} failed")]
     Kvm {
         op: &'static str,
@@ -227,6 +229,32 @@ impl ControlTarget for MachineControl {
     }
 }
 
+/// The KVM capabilities this VMM relies on, checked up front so a host that
+/// lacks one fails with its name rather than with an obscure ioctl error.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+fn check_capabilities(kvm: &Kvm) -> Result<(), MachineError> {
+    let missing: Vec<&str> = REQUIRED_CAPS
+        .iter()
+        .filter(|(cap, _)| !kvm.check_extension(*cap))
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(MachineError::MissingCapabilities(missing.join(", ")))
+    }
+}
+
 /// Creates guest memory (anonymous, private, populated on first touch) and
 /// registers it with KVM.
 fn create_memory(vm: &VmFd, memory_bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
@@ -304,6 +332,7 @@ pub fn run(
         source: std::io::Error::other(e),
     })?;
     let kvm = Kvm::new().map_err(MachineError::OpenKvm)?;
+    check_capabilities(&kvm)?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
