@@ -107,6 +107,35 @@ fn control_socket_pauses_reports_and_shuts_down_gracefully() {
 }
 
 #[test]
+fn a_guest_poking_every_port_and_the_mmio_gap_does_not_hurt_the_vmm() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = build_freestanding_guest(dir.path());
+    let cfg = config(
+        elf,
+        "console=ttyS0 guest.hostile guest.wait_cad",
+        dir.path(),
+    );
+    let serial = dir.path().join("serial.log");
+    let rx = start(cfg);
+    assert!(
+        wait_serial(&serial, "waiting: ctrl-alt-del", VM_TIMEOUT),
+        "{}",
+        read(&serial)
+    );
+    assert!(read(&serial).contains("hostile: done\n"));
+    let m = ctl(dir.path(), r#"{"op":"metrics"}"#);
+    let exits = &m["exits"];
+    // 65536 ports minus the 13 of the console and i8042, twice each (minus
+    // the ports KVM's in-kernel PIC/PIT answer); 11968 MMIO pages, twice each.
+    assert!(exits["unhandled_pio"].as_u64().unwrap() > 2 * 65_000, "{m}");
+    assert_eq!(exits["unhandled_mmio"].as_u64().unwrap(), 2 * 11_968, "{m}");
+    let v = ctl(dir.path(), r#"{"op":"shutdown","timeout_ms":30000}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(wait_end(&rx, &serial), VmExitReason::Reset);
+}
+
+#[test]
 fn shutdown_of_a_guest_that_ignores_it_ends_at_the_deadline() {
     require_kvm();
     let dir = tempfile::tempdir().unwrap();

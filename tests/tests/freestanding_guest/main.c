@@ -97,6 +97,27 @@ static void probe_virtio_mmio(const u8 *bp) {
     puts("virtio-mmio: notified queue 0\n");
 }
 
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+
+/* A hostile guest: touches every I/O port (byte reads, dword writes) and
+ * the whole MMIO gap where no device sits. The VMM must answer each access,
+ * log only a bounded number of them, and keep running. */
+static void hostile_accesses(void) {
+    map_mmio_gap();
+    for (u32 port = 0; port < 0x10000; port++) {
+        /* The console and the i8042 (0xfe on 0x64 is a reset) stay usable. */
+        if ((port >= 0x3f8 && port <= 0x3ff) || (port >= 0x60 && port <= 0x64)) continue;
+        (void)inb((u16)port);
+        outl((u16)port, 0xdeadbeef);
+    }
+    /* 64 KiB steps through the gap, below the IOAPIC and LAPIC (in-kernel). */
+    for (u64 a = 0xd0000000UL; a < 0xfec00000UL; a += 0x10000) {
+        (void)mmio_read32(a + 0x44);
+        mmio_write32(a + 0x48, 0x12345678);
+    }
+    puts("hostile: done\n");
+}
+
 /* Waits for Ctrl-Alt-Del from the i8042 (polled: the guest has no IDT),
  * then resets: the VMM's graceful shutdown path. */
 static void wait_for_ctrl_alt_del(void) {
@@ -122,6 +143,7 @@ void guest_main(const u8 *boot_params) {
     report_cmdline(boot_params);
     report_e820(boot_params);
     probe_virtio_mmio(boot_params);
+    if (cmdline_has(boot_params, "guest.hostile")) hostile_accesses();
     if (cmdline_has(boot_params, "guest.idle")) {
         /* Interrupts off, halted: an idle VM that ignores shutdown requests. */
         puts("idle: halting\n");
