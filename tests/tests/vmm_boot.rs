@@ -310,21 +310,20 @@ mod device_hook {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
         let elf = build_freestanding_guest(dir.path());
-        let mut cfg = config(elf, "console=ttyS0 guest.wait_cad", dir.path());
+        let mut cfg = config(elf, "console=ttyS0 guest.irq guest.wait_cad", dir.path());
         cfg.block = vec![BlockSlotConfig {
             path: None,
             read_only: true,
         }];
         let queue = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let queue_seen = queue.try_clone().unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq_host = irq.try_clone().unwrap();
         let control = Arc::new(FakeControl::default());
         let control_in = control.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let device = Arc::new(Mutex::new(FakeDevice {
-                queue,
-                irq: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            }));
+            let device = Arc::new(Mutex::new(FakeDevice { queue, irq }));
             let mut hook =
                 move |vm: &kvm_ioctls::VmFd,
                       dm: &mut vmpod::vmm::device_manager::DeviceManager,
@@ -339,6 +338,14 @@ mod device_hook {
         });
         let serial = dir.path().join("serial.log");
         assert!(
+            wait_serial(&serial, "irq: waiting", Duration::from_secs(30)),
+            "{}",
+            read(&serial)
+        );
+        // The device's interrupt, raised the way a device raises it: the
+        // irqfd add_virtio_mmio_device registered on GSI 5 → IOAPIC → LAPIC.
+        irq_host.write(1).unwrap();
+        assert!(
             wait_serial(&serial, "waiting: ctrl-alt-del", Duration::from_secs(30)),
             "{}",
             read(&serial)
@@ -346,14 +353,15 @@ mod device_hook {
         let out = read(&serial);
         assert!(
             out.contains(
-                "cmdline: console=ttyS0 guest.wait_cad virtio_mmio.device=4K@0xd0000000:5\n"
+                "cmdline: console=ttyS0 guest.irq guest.wait_cad virtio_mmio.device=4K@0xd0000000:5\n"
             ),
             "{out}"
         );
         assert!(
-            out.contains("virtio-mmio: base 0xd0000000 magic 0x74726976\n"),
+            out.contains("virtio-mmio: base 0xd0000000 gsi 0x5 magic 0x74726976\n"),
             "{out}"
         );
+        assert!(out.contains("irq: received vector 0x30\n"), "{out}");
         assert!(out.contains("virtio-mmio: notified queue 0\n"), "{out}");
         assert_eq!(
             queue_seen

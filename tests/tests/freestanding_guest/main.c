@@ -42,7 +42,7 @@ static int cmdline_has(const u8 *bp, const char *word) {
 /* Finds the first `virtio_mmio.device=4K@0x<base>:<gsi>` on the command
  * line and returns <base> (0 when there is none). The start of a virtio-mmio
  * driver: the devices the VMM declares are found exactly as Linux finds them. */
-static u64 first_virtio_mmio_base(const u8 *bp) {
+static u64 first_virtio_mmio_base(const u8 *bp, u32 *gsi) {
     static const char key[] = "virtio_mmio.device=4K@0x";
     const char *c = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
     u32 size = bp_u32(bp, BP_CMDLINE_SIZE);
@@ -51,7 +51,8 @@ static u64 first_virtio_mmio_base(const u8 *bp) {
         while (key[j] && i + j < size && c[i + j] == key[j]) j++;
         if (key[j]) continue;
         u64 base = 0;
-        for (u32 k = i + j; k < size && k < i + j + 16; k++) {
+        u32 k = i + j;
+        for (; k < size && k < i + j + 16; k++) {
             char h = c[k];
             u64 d;
             if (h >= '0' && h <= '9') d = h - '0';
@@ -59,6 +60,10 @@ static u64 first_virtio_mmio_base(const u8 *bp) {
             else break;
             base = base << 4 | d;
         }
+        *gsi = 0;
+        if (k < size && c[k] == ':')
+            for (k++; k < size && k < i + j + 24 && c[k] >= '0' && c[k] <= '9'; k++)
+                *gsi = *gsi * 10 + (u32)(c[k] - '0');
         return base;
     }
     return 0;
@@ -85,11 +90,14 @@ static void map_mmio_gap(void) {
 /* Reads the first virtio-mmio device's magic (an MMIO exit routed by the
  * VMM's bus) and notifies its queue 0 (an ioeventfd: no exit at all). */
 static void probe_virtio_mmio(const u8 *bp) {
-    u64 base = first_virtio_mmio_base(bp);
+    u32 gsi;
+    u64 base = first_virtio_mmio_base(bp, &gsi);
     if (!base) return;
     map_mmio_gap();
     puts("virtio-mmio: base ");
     puthex(base);
+    puts(" gsi ");
+    puthex(gsi);
     puts(" magic ");
     puthex(mmio_read32(base + VIRTIO_MMIO_MAGIC));
     putc('\n');
@@ -118,6 +126,62 @@ static void hostile_accesses(void) {
     puts("hostile: done\n");
 }
 
+/* Interrupts: an IDT, the LAPIC enabled, the 8259s masked and one IOAPIC
+ * pin routed to IRQ_VECTOR — how a virtio driver gets its used-buffer
+ * notifications. */
+#define IRQ_VECTOR 0x30
+#define LAPIC 0xfee00000UL
+#define LAPIC_TPR 0x080
+#define LAPIC_EOI 0x0b0
+#define LAPIC_SVR 0x0f0
+#define IOAPIC 0xfec00000UL
+
+extern void irq_entry(void);
+static u64 idt[512] __attribute__((aligned(16)));
+static volatile u32 irq_count;
+
+void irq_handler(void) {
+    irq_count++;
+    mmio_write32(LAPIC + LAPIC_EOI, 0);
+}
+
+static void set_gate(u32 vector, void (*handler)(void)) {
+    u64 h = (u64)handler;
+    idt[2 * vector] = (h & 0xffff) | (0x08UL << 16) | (0x8eUL << 40) | ((h >> 16 & 0xffff) << 48);
+    idt[2 * vector + 1] = h >> 32;
+}
+
+static void ioapic_write(u32 reg, u32 value) {
+    mmio_write32(IOAPIC, reg);
+    mmio_write32(IOAPIC + 0x10, value);
+}
+
+static void setup_interrupts(u32 gsi) {
+    struct __attribute__((packed)) { u16 limit; u64 base; } idtr = { sizeof(idt) - 1, (u64)idt };
+    map_mmio_gap();
+    set_gate(IRQ_VECTOR, irq_entry);
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    outb(0x21, 0xff); /* mask both 8259s: interrupts come through the IOAPIC */
+    outb(0xa1, 0xff);
+    mmio_write32(LAPIC + LAPIC_TPR, 0);
+    mmio_write32(LAPIC + LAPIC_SVR, 0x100 | 0xff); /* enabled, spurious vector 0xff */
+    ioapic_write(0x11 + 2 * gsi, 0);              /* destination: APIC ID 0 */
+    ioapic_write(0x10 + 2 * gsi, IRQ_VECTOR);     /* fixed, edge, active high, unmasked */
+}
+
+/* Waits (halted, interrupts on) for one interrupt on the first virtio
+ * device's GSI; the host raises it through the device's irqfd. */
+static void wait_for_irq(const u8 *bp) {
+    u32 gsi;
+    if (!first_virtio_mmio_base(bp, &gsi)) return;
+    setup_interrupts(gsi);
+    puts("irq: waiting\n");
+    while (!irq_count) __asm__ volatile("sti; hlt; cli");
+    puts("irq: received vector ");
+    puthex(IRQ_VECTOR);
+    putc('\n');
+}
+
 /* Waits for Ctrl-Alt-Del from the i8042 (polled: the guest has no IDT),
  * then resets: the VMM's graceful shutdown path. */
 static void wait_for_ctrl_alt_del(void) {
@@ -144,6 +208,7 @@ void guest_main(const u8 *boot_params) {
     report_e820(boot_params);
     probe_virtio_mmio(boot_params);
     if (cmdline_has(boot_params, "guest.hostile")) hostile_accesses();
+    if (cmdline_has(boot_params, "guest.irq")) wait_for_irq(boot_params);
     if (cmdline_has(boot_params, "guest.idle")) {
         /* Interrupts off, halted: an idle VM that ignores shutdown requests. */
         puts("idle: halting\n");

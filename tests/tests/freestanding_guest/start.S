@@ -14,6 +14,32 @@ _start:
     hlt
     jmp 1b
 
+/* Interrupt entry for every vector the guest uses: saves the registers C
+ * code may clobber, calls irq_handler, returns with iretq. */
+    .globl irq_entry
+irq_entry:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    cld
+    call irq_handler
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    iretq
+
     .section .bss
     .balign 16
 stack:
