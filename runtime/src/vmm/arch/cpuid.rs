@@ -4,7 +4,8 @@
 //! - leaf 0x1: APIC ID and logical CPU count of this vCPU, the hypervisor bit;
 //!   features the VMM does not emulate (MONITOR, VMX/SMX, thermal and debug
 //!   stores, PDCM) are cleared.
-//! - leaves 0x4, 0xb, 0x1f, 0x8000_0008: topology: `n` cores, one thread each.
+//! - leaves 0x4, 0xb, 0x1f, 0x8000_0008, 0x8000_001e: topology: `n` cores,
+//!   one thread each, one node.
 //! - leaf 0x6: only ARAT (the APIC timer keeps running) — no power management.
 //! - leaf 0xa: no PMU.
 //! - leaf 0x4000_0000: the KVM signature, so the guest uses kvmclock and PV features.
@@ -80,6 +81,14 @@ pub fn filter_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, id: u8, count: u8) {
             0x8000_0008 => {
                 // AMD: NC = cores - 1, ApicIdSize in 15:12.
                 e.ecx = (core_id_bits(count) << 12) | (u32::from(count) - 1);
+            }
+            0x8000_001e => {
+                // AMD extended APIC ID, compute-unit (core) ID with one thread
+                // per core, one node: the host's values would name host cores.
+                e.eax = apic_id;
+                e.ebx = apic_id & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
             }
             _ => {}
         }
@@ -176,6 +185,16 @@ mod tests {
         }
         assert_eq!(&bytes, b"KVMKVMKVM\0\0\0");
         assert!(sig.eax >= KVM_CPUID_FEATURES);
+    }
+
+    #[test]
+    fn amd_extended_apic_id() {
+        let mut e = vec![entry(0x8000_001e, 0, u32::MAX), entry(0x8000_0008, 0, 0)];
+        filter_cpuid(&mut e, 5, 8);
+        let t = find(&e, 0x8000_001e, 0);
+        assert_eq!((t.eax, t.ebx, t.ecx, t.edx), (5, 5, 0, 0));
+        let s = find(&e, 0x8000_0008, 0);
+        assert_eq!((s.ecx & 0xff, (s.ecx >> 12) & 0xf), (7, 3));
     }
 
     #[test]
