@@ -204,7 +204,7 @@ fn linux_kernel_boot_smoke() {
         "Hypervisor detected: KVM".into(),
         "kvm-clock: Using msrs".into(),
         "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]".into(),
-        "RAMDISK: [mem 0x0fc".into(),
+        "RAMDISK: [mem 0x".into(),
         "MPTABLE: OEM ID: VMPOD".into(),
         "Processor #1".into(),
         "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23".into(),
@@ -237,6 +237,15 @@ fn linux_kernel_boot_smoke() {
             wait_end(&rx, &serial)
         }
     };
+    // The initramfs sits at the top of the 256 MiB of RAM.
+    let ramdisk = out
+        .lines()
+        .find(|l| l.starts_with("RAMDISK: "))
+        .unwrap_or("");
+    assert!(
+        ramdisk.ends_with("-0x000000000fffffff]") || ramdisk.ends_with("-0x0fffffff]"),
+        "{ramdisk}"
+    );
     assert!(!out.contains("Kernel panic"), "{out}");
     eprintln!("linux boot smoke: VM ended with: {reason}");
     eprintln!("last serial line: {:?}", out.lines().last().unwrap_or(""));
