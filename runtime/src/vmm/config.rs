@@ -280,6 +280,24 @@ mod tests {
     }
 
     #[test]
+    fn from_file_bounds_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.json");
+        std::fs::write(&ok, r#"{"vcpus":1,"memory_mib":64,"kernel":"k"}"#).unwrap();
+        assert_eq!(VmmConfig::from_file(&ok).unwrap().memory_mib, 64);
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; MAX_CONFIG_FILE as usize + 1]).unwrap();
+        assert!(matches!(
+            VmmConfig::from_file(&big),
+            Err(ConfigError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            VmmConfig::from_file(&dir.path().join("missing.json")),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
     fn mac_parsing() {
         assert_eq!(parse_mac("02:0a:FF:00:10:01"), Some([2, 10, 255, 0, 16, 1]));
         assert_eq!(parse_mac("02:0a:ff:00:10:01:02"), None);
