@@ -181,6 +181,9 @@ impl ControlServer {
             Err(e) => return Err(bind_err(e)),
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
+        // Only the owner (the daemon) may drive the VM.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(ControlServer {
             listener,
@@ -428,6 +431,9 @@ mod tests {
         let path = dir.path().join("control.sock");
         let target = Arc::new(Echo(Mutex::new(Vec::new())));
         let server = ControlServer::bind(&path, target.clone()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let mut em =
             event_manager::EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
                 .unwrap();

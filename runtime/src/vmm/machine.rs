@@ -297,6 +297,7 @@ fn serial_output(config: &VmmConfig) -> Result<SerialOut, MachineError> {
                 .create(true)
                 .append(true)
                 .custom_flags(libc::O_NONBLOCK)
+                .mode(0o600)
                 .open(&s.path)
                 .map_err(|source| MachineError::SerialOut {
                     path: s.path.display().to_string(),
