@@ -71,7 +71,9 @@ pub enum DeviceManagerError {
 /// Where a virtio-mmio device landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmioSlot {
+    /// Guest-physical base of the 4 KiB window.
     pub base: u64,
+    /// The IOAPIC pin (GSI) of its interrupt.
     pub gsi: u32,
 }
 
@@ -110,12 +112,16 @@ impl IrqRegistrar for VmFd {
 
 /// The buses, allocators and legacy devices of one VM.
 pub struct DeviceManager {
+    /// virtio-mmio windows.
     pub mmio_bus: Bus,
+    /// Legacy ports (serial, i8042).
     pub pio_bus: Bus,
     next_mmio: u64,
     next_gsi: u32,
     cmdline: Vec<String>,
+    /// The console, once added.
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The i8042, once added (reset, Ctrl-Alt-Del).
     pub i8042: Option<Arc<Mutex<I8042Device>>>,
 }
 

@@ -203,12 +203,19 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 
 /// One vCPU and what it needs to handle exits.
 pub struct Vcpu {
+    /// The KVM vCPU, configured for boot.
     pub fd: VcpuFd,
+    /// Its index, which is also its APIC ID.
     pub id: u8,
+    /// Where port I/O exits go.
     pub pio: Arc<Bus>,
+    /// Where MMIO exits go.
     pub mmio: Arc<Bus>,
+    /// Where the vCPU reports the end of the VM.
     pub exit: Arc<VmExit>,
+    /// Exit counters.
     pub metrics: Arc<VmmMetrics>,
+    /// Pause/resume/stop requests.
     pub control: Arc<VcpuControl>,
     /// The seccomp filter this thread installs before its first KVM_RUN.
     pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
@@ -388,7 +395,9 @@ fn unhandled_mmio(c: &ExitCounters, addr: u64, dir: &str) {
 
 /// The running vCPU threads.
 pub struct VcpuHandles {
+    /// One thread per vCPU.
     pub threads: Vec<JoinHandle<()>>,
+    /// Shared with every vCPU thread.
     pub control: Arc<VcpuControl>,
 }
 
