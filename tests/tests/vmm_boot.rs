@@ -72,6 +72,12 @@ fn control_socket_pauses_reports_and_shuts_down_gracefully() {
     let v = ctl(dir.path(), r#"{"op":"resume"}"#);
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(ctl(dir.path(), r#"{"op":"status"}"#)["state"], "running");
+    // Kicks race with vCPUs entering KVM_RUN (immediate_exit closes that
+    // window); every pause must land within its 2 s bound, 25 times over.
+    for _ in 0..25 {
+        assert_eq!(ctl(dir.path(), r#"{"op":"pause"}"#)["ok"], true);
+        assert_eq!(ctl(dir.path(), r#"{"op":"resume"}"#)["ok"], true);
+    }
 
     let m = ctl(dir.path(), r#"{"op":"metrics"}"#);
     assert_eq!(m["ok"], true, "{m}");
