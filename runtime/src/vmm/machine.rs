@@ -38,6 +38,8 @@ const LOOP_TICK_MS: i32 = 100;
 pub enum MachineError {
     #[error("opening /dev/kvm (is KVM available and accessible?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("the VM configuration")]
+    Config(#[from] super::config::ConfigError),
     #[error("this KVM lacks {0}")]
     MissingCapabilities(String),
     #[error("KVM {op} failed")]
@@ -328,10 +330,7 @@ pub fn run(
     started: Instant,
     add_devices: Option<DeviceHook<'_>>,
 ) -> Result<VmExitReason, MachineError> {
-    config.validate().map_err(|e| MachineError::Os {
-        what: "invalid configuration",
-        source: std::io::Error::other(e),
-    })?;
+    config.validate()?;
     let kvm = Kvm::new().map_err(MachineError::OpenKvm)?;
     check_capabilities(&kvm)?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
