@@ -490,6 +490,100 @@ mod tests {
         assert!(e.eventfd().read().unwrap() >= 1);
     }
 
+    fn stop_reason(n: Next) -> Option<VmExitReason> {
+        match n {
+            Next::Continue => None,
+            Next::Stop(r) => Some(r),
+        }
+    }
+
+    #[test]
+    fn exits_are_dispatched_and_counted() {
+        let c = ExitCounters::default();
+        let pio = Bus::new();
+        let mmio = Bus::new();
+        // Nothing on either bus: reads see a floating bus, writes vanish.
+        let mut data = [0u8; 2];
+        assert!(
+            stop_reason(handle_exit(
+                VcpuExit::IoIn(0x2f8, &mut data),
+                &pio,
+                &mmio,
+                &c
+            ))
+            .is_none()
+        );
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [0xaau8; 4];
+        assert!(
+            stop_reason(handle_exit(
+                VcpuExit::MmioRead(0xd000_0000, &mut data),
+                &pio,
+                &mmio,
+                &c
+            ))
+            .is_none()
+        );
+        assert_eq!(data, [0; 4]);
+        assert!(stop_reason(handle_exit(VcpuExit::IoOut(0x80, &[1]), &pio, &mmio, &c)).is_none());
+        assert!(
+            stop_reason(handle_exit(
+                VcpuExit::MmioWrite(0x1000, &[1]),
+                &pio,
+                &mmio,
+                &c
+            ))
+            .is_none()
+        );
+        let s = c.snapshot();
+        assert_eq!((s.io_in, s.io_out, s.mmio_read, s.mmio_write), (1, 1, 1, 1));
+        assert_eq!((s.unhandled_pio, s.unhandled_mmio), (2, 2));
+    }
+
+    #[test]
+    fn guest_endings_map_to_exit_reasons() {
+        let c = ExitCounters::default();
+        let (pio, mmio) = (Bus::new(), Bus::new());
+        let mut go = |e| stop_reason(handle_exit(e, &pio, &mmio, &c));
+        assert_eq!(go(VcpuExit::Shutdown), Some(VmExitReason::TripleFault));
+        assert_eq!(go(VcpuExit::Hlt), Some(VmExitReason::Halted));
+        assert_eq!(
+            go(VcpuExit::SystemEvent(
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN,
+                &[]
+            )),
+            Some(VmExitReason::PowerOff)
+        );
+        assert_eq!(
+            go(VcpuExit::SystemEvent(
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET,
+                &[]
+            )),
+            Some(VmExitReason::Reset)
+        );
+        assert!(matches!(
+            go(VcpuExit::SystemEvent(
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH,
+                &[]
+            )),
+            Some(VmExitReason::GuestCrash(_))
+        ));
+        assert!(matches!(
+            go(VcpuExit::InternalError),
+            Some(VmExitReason::GuestCrash(_))
+        ));
+        assert!(matches!(
+            go(VcpuExit::FailEntry(7, 0)),
+            Some(VmExitReason::GuestCrash(_))
+        ));
+        // An exit this VMM never enables ends the VM instead of looping.
+        assert!(matches!(
+            go(VcpuExit::Unknown),
+            Some(VmExitReason::GuestCrash(_))
+        ));
+        assert_eq!(go(VcpuExit::Intr), None);
+    }
+
     #[test]
     fn exit_codes() {
         assert_eq!(VmExitReason::Reset.exit_code(), 0);
