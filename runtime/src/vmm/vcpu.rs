@@ -544,7 +544,7 @@ mod tests {
     fn guest_endings_map_to_exit_reasons() {
         let c = ExitCounters::default();
         let (pio, mmio) = (Bus::new(), Bus::new());
-        let mut go = |e| stop_reason(handle_exit(e, &pio, &mmio, &c));
+        let go = |e| stop_reason(handle_exit(e, &pio, &mmio, &c));
         assert_eq!(go(VcpuExit::Shutdown), Some(VmExitReason::TripleFault));
         assert_eq!(go(VcpuExit::Hlt), Some(VmExitReason::Halted));
         assert_eq!(
