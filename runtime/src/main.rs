@@ -52,6 +52,14 @@ enum Command {
         #[arg(long)]
         console: bool,
     },
+    /// Run one microVM with vmpod's own VMM. Exit status: 0 when the guest
+    /// reset or powered off, 2 when it crashed, 3 when a graceful shutdown
+    /// timed out, 1 on VMM errors.
+    Vmm {
+        /// The VM's JSON configuration (see `vmpod::vmm::config`).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -61,6 +69,7 @@ enum AccelArg {
 }
 
 fn main() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -69,6 +78,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Vmm { config } => {
+            let cfg = vmpod::vmm::config::VmmConfig::from_file(&config)?;
+            let reason = vmpod::vmm::run(&cfg, started, None).context("running the VM")?;
+            eprintln!("vmpod vmm: {reason}");
+            std::process::exit(reason.exit_code());
+        }
         Command::Initramfs { agent, out } => {
             let size = initramfs::build_to_file(&agent, &out)?;
             println!(

@@ -1,3 +1,5 @@
-//! Devices the VMM emulates for its guest.
+//! Devices the VMM emulates: legacy PC devices in `legacy/`; the virtio-mmio
+//! transport and the virtio devices in `virtio/`.
 
+pub mod legacy;
 pub mod virtio;

@@ -1,0 +1,220 @@
+/* The freestanding test guest: one step per line of `key: value` output,
+ * then an i8042 reset. See README.md. */
+#include "io.h"
+#include "bootparams.h"
+
+static void report_cmdline(const u8 *bp) {
+    const char *cmdline = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
+    u32 size = bp_u32(bp, BP_CMDLINE_SIZE);
+    puts("cmdline: ");
+    /* Bounded by the size the VMM wrote, whatever the string holds. */
+    for (u32 i = 0; i < size && i < 2048 && cmdline[i]; i++) putc(cmdline[i]);
+    putc('\n');
+}
+
+static void report_e820(const u8 *bp) {
+    u8 n = bp_u8(bp, BP_E820_ENTRIES);
+    u64 ram = 0;
+    for (u32 i = 0; i < n && i < BP_E820_MAX; i++) {
+        u32 e = BP_E820_TABLE + 20 * i;
+        if (bp_u32(bp, e + 16) == E820_RAM) ram += bp_u64(bp, e + 8);
+    }
+    puts("e820: entries ");
+    puthex(n);
+    puts(" ram ");
+    puthex(ram);
+    putc('\n');
+}
+
+/* True when the command line holds `word` as a whole argument. */
+static int cmdline_has(const u8 *bp, const char *word) {
+    const char *c = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
+    u32 size = bp_u32(bp, BP_CMDLINE_SIZE);
+    for (u32 i = 0; i < size && i < 2048 && c[i]; i++) {
+        if (i > 0 && c[i - 1] != ' ') continue;
+        u32 j = 0;
+        while (word[j] && i + j < size && c[i + j] == word[j]) j++;
+        if (!word[j] && (i + j >= size || c[i + j] == ' ' || c[i + j] == 0)) return 1;
+    }
+    return 0;
+}
+
+/* Finds the first `virtio_mmio.device=4K@0x<base>:<gsi>` on the command
+ * line and returns <base> (0 when there is none). The start of a virtio-mmio
+ * driver: the devices the VMM declares are found exactly as Linux finds them. */
+static u64 first_virtio_mmio_base(const u8 *bp, u32 *gsi) {
+    static const char key[] = "virtio_mmio.device=4K@0x";
+    const char *c = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
+    u32 size = bp_u32(bp, BP_CMDLINE_SIZE);
+    for (u32 i = 0; i < size && i < 2048 && c[i]; i++) {
+        u32 j = 0;
+        while (key[j] && i + j < size && c[i + j] == key[j]) j++;
+        if (key[j]) continue;
+        u64 base = 0;
+        u32 k = i + j;
+        for (; k < size && k < i + j + 16; k++) {
+            char h = c[k];
+            u64 d;
+            if (h >= '0' && h <= '9') d = h - '0';
+            else if (h >= 'a' && h <= 'f') d = h - 'a' + 10;
+            else break;
+            base = base << 4 | d;
+        }
+        *gsi = 0;
+        if (k < size && c[k] == ':')
+            for (k++; k < size && k < i + j + 24 && c[k] >= '0' && c[k] <= '9'; k++)
+                *gsi = *gsi * 10 + (u32)(c[k] - '0');
+        return base;
+    }
+    return 0;
+}
+
+/* The VMM's boot page tables map only the first GiB (as Firecracker's do);
+ * the MMIO gap at 3-4 GiB needs our own page directory, uncached. */
+static u64 mmio_pd[512] __attribute__((aligned(4096)));
+
+static void map_mmio_gap(void) {
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *pml4 = (u64 *)(cr3 & ~0xfffUL);
+    u64 *pdpt = (u64 *)(pml4[0] & ~0xfffUL);
+    for (u64 i = 0; i < 512; i++)
+        mmio_pd[i] = ((3UL << 30) + (i << 21)) | 0x80 /* 2 MiB */ | 0x10 /* PCD */ | 0x08 /* PWT */ | 0x3;
+    pdpt[3] = (u64)mmio_pd | 0x3;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+}
+
+#define VIRTIO_MMIO_MAGIC 0x000
+#define VIRTIO_MMIO_QUEUE_NOTIFY 0x050
+
+/* Reads the first virtio-mmio device's magic (an MMIO exit routed by the
+ * VMM's bus) and notifies its queue 0 (an ioeventfd: no exit at all). */
+static void probe_virtio_mmio(const u8 *bp) {
+    u32 gsi;
+    u64 base = first_virtio_mmio_base(bp, &gsi);
+    if (!base) return;
+    map_mmio_gap();
+    puts("virtio-mmio: base ");
+    puthex(base);
+    puts(" gsi ");
+    puthex(gsi);
+    puts(" magic ");
+    puthex(mmio_read32(base + VIRTIO_MMIO_MAGIC));
+    putc('\n');
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    puts("virtio-mmio: notified queue 0\n");
+}
+
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+
+/* A hostile guest: touches every I/O port (byte reads, dword writes) and
+ * the whole MMIO gap where no device sits. The VMM must answer each access,
+ * log only a bounded number of them, and keep running. */
+static void hostile_accesses(void) {
+    map_mmio_gap();
+    for (u32 port = 0; port < 0x10000; port++) {
+        /* The console and the i8042 (0xfe on 0x64 is a reset) stay usable. */
+        if ((port >= 0x3f8 && port <= 0x3ff) || (port >= 0x60 && port <= 0x64)) continue;
+        (void)inb((u16)port);
+        outl((u16)port, 0xdeadbeef);
+    }
+    /* 64 KiB steps through the gap, below the IOAPIC and LAPIC (in-kernel). */
+    for (u64 a = 0xd0000000UL; a < 0xfec00000UL; a += 0x10000) {
+        (void)mmio_read32(a + 0x44);
+        mmio_write32(a + 0x48, 0x12345678);
+    }
+    puts("hostile: done\n");
+}
+
+/* Interrupts: an IDT, the LAPIC enabled, the 8259s masked and one IOAPIC
+ * pin routed to IRQ_VECTOR — how a virtio driver gets its used-buffer
+ * notifications. */
+#define IRQ_VECTOR 0x30
+#define LAPIC 0xfee00000UL
+#define LAPIC_TPR 0x080
+#define LAPIC_EOI 0x0b0
+#define LAPIC_SVR 0x0f0
+#define IOAPIC 0xfec00000UL
+
+extern void irq_entry(void);
+static u64 idt[512] __attribute__((aligned(16)));
+static volatile u32 irq_count;
+
+void irq_handler(void) {
+    irq_count++;
+    mmio_write32(LAPIC + LAPIC_EOI, 0);
+}
+
+static void set_gate(u32 vector, void (*handler)(void)) {
+    u64 h = (u64)handler;
+    idt[2 * vector] = (h & 0xffff) | (0x08UL << 16) | (0x8eUL << 40) | ((h >> 16 & 0xffff) << 48);
+    idt[2 * vector + 1] = h >> 32;
+}
+
+static void ioapic_write(u32 reg, u32 value) {
+    mmio_write32(IOAPIC, reg);
+    mmio_write32(IOAPIC + 0x10, value);
+}
+
+static void setup_interrupts(u32 gsi) {
+    struct __attribute__((packed)) { u16 limit; u64 base; } idtr = { sizeof(idt) - 1, (u64)idt };
+    map_mmio_gap();
+    set_gate(IRQ_VECTOR, irq_entry);
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    outb(0x21, 0xff); /* mask both 8259s: interrupts come through the IOAPIC */
+    outb(0xa1, 0xff);
+    mmio_write32(LAPIC + LAPIC_TPR, 0);
+    mmio_write32(LAPIC + LAPIC_SVR, 0x100 | 0xff); /* enabled, spurious vector 0xff */
+    ioapic_write(0x11 + 2 * gsi, 0);              /* destination: APIC ID 0 */
+    ioapic_write(0x10 + 2 * gsi, IRQ_VECTOR);     /* fixed, edge, active high, unmasked */
+}
+
+/* Waits (halted, interrupts on) for one interrupt on the first virtio
+ * device's GSI; the host raises it through the device's irqfd. */
+static void wait_for_irq(const u8 *bp) {
+    u32 gsi;
+    if (!first_virtio_mmio_base(bp, &gsi)) return;
+    setup_interrupts(gsi);
+    puts("irq: waiting\n");
+    while (!irq_count) __asm__ volatile("sti; hlt; cli");
+    puts("irq: received vector ");
+    puthex(IRQ_VECTOR);
+    putc('\n');
+}
+
+/* Waits for Ctrl-Alt-Del from the i8042 (polled: the guest has no IDT),
+ * then resets: the VMM's graceful shutdown path. */
+static void wait_for_ctrl_alt_del(void) {
+    puts("waiting: ctrl-alt-del\n");
+    for (;;) {
+        for (volatile int i = 0; i < 200000; i++) __asm__ volatile("pause");
+        while (inb(0x64) & 1) {
+            if (inb(0x60) == 0x71) {
+                puts("got: ctrl-alt-del\n");
+                return;
+            }
+        }
+    }
+}
+
+void guest_main(const u8 *boot_params) {
+    puts("vmpod freestanding guest: hello\n");
+    puts("boot_params: ");
+    puthex((u64)boot_params);
+    puts(" magic ");
+    puthex(bp_u32(boot_params, BP_HDR_MAGIC));
+    putc('\n');
+    report_cmdline(boot_params);
+    report_e820(boot_params);
+    probe_virtio_mmio(boot_params);
+    if (cmdline_has(boot_params, "guest.hostile")) hostile_accesses();
+    if (cmdline_has(boot_params, "guest.irq")) wait_for_irq(boot_params);
+    if (cmdline_has(boot_params, "guest.idle")) {
+        /* Interrupts off, halted: an idle VM that ignores shutdown requests. */
+        puts("idle: halting\n");
+        return;
+    }
+    if (cmdline_has(boot_params, "guest.wait_cad")) wait_for_ctrl_alt_del();
+    puts("done: resetting\n");
+    i8042_reset();
+}
