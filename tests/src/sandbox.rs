@@ -25,6 +25,22 @@ pub enum Backend {
 
 /// The serial of the demo image's disk in a guest.
 pub const IMAGE_SERIAL: &str = "image0";
+/// The serial of the scratch disk in a guest.
+pub const SCRATCH_SERIAL: &str = "scratch0";
+
+/// A fresh ext4 file system in a file, for a container's writable layer.
+fn make_scratch(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("scratch.ext4");
+    let file = std::fs::File::create(&path).expect("scratch file");
+    file.set_len(64 << 20).expect("scratch size");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&path)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4 failed");
+    path
+}
 
 /// A running agent; everything it started is stopped on drop.
 pub struct Sandbox {
@@ -33,6 +49,8 @@ pub struct Sandbox {
     /// The `Rootfs.source` that names the demo busybox image for this agent:
     /// the erofs file (a loop device) on the host, the disk's serial in a guest.
     pub image_source: String,
+    /// `Rootfs.scratch_source` of an empty ext4 disk for one container.
+    pub scratch_source: String,
     pub dir: tempfile::TempDir,
     host_agent: Option<Child>,
     /// The host agent's --cgroup-parent, torn down on drop.
@@ -65,6 +83,7 @@ impl Sandbox {
                     backend,
                     addr: AgentAddr::Unix(socket),
                     image_source: artefact("demo-image.erofs").display().to_string(),
+                    scratch_source: make_scratch(dir.path()).display().to_string(),
                     dir,
                     host_agent: Some(child),
                     cgroup_parent: Some(cgroup_parent),
@@ -89,6 +108,11 @@ impl Sandbox {
                     read_only: true,
                     serial: IMAGE_SERIAL.into(),
                 });
+                cfg.disks.push(QemuDisk {
+                    path: make_scratch(dir.path()),
+                    read_only: false,
+                    serial: SCRATCH_SERIAL.into(),
+                });
                 let guest = match cfg.boot_until_ready(Duration::from_secs(120)) {
                     Ok(g) => g,
                     Err(e) => panic!("the guest did not reach the agent: {e}"),
@@ -96,6 +120,7 @@ impl Sandbox {
                 Sandbox {
                     backend,
                     image_source: format!("serial:{IMAGE_SERIAL}"),
+                    scratch_source: format!("serial:{SCRATCH_SERIAL}"),
                     addr: AgentAddr::HybridVsock {
                         uds: vsock.uds.clone(),
                         port: vmpod_proto::AGENT_VSOCK_PORT,

@@ -658,6 +658,37 @@ async fn sandbox_settings_namespaces_and_mounts(backend: Backend) {
     assert!(err.contains("Read-only file system"), "{err}");
 }
 
+async fn writable_layer_on_a_scratch_disk(backend: Backend) {
+    let sandbox = Sandbox::start(backend);
+    let mut agent = sandbox.client().await;
+    // 20 MiB would not fit the 1 MiB tmpfs `writable_bytes` asks for: it
+    // lands on the scratch disk's ext4 instead.
+    let mut req = container(
+        &sandbox,
+        "scratch",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=20 2>&1 && ls -l /big",
+        ],
+    );
+    req.rootfs.as_mut().unwrap().scratch_source = sandbox.scratch_source.clone();
+    req.rootfs.as_mut().unwrap().writable_bytes = 1 << 20;
+    let (code0, out, err) = run_to_end(&mut agent, req).await;
+    assert_eq!(code0, 0, "{out}{err}");
+    assert!(out.contains("20971520"), "{out}");
+
+    // The same on the tmpfs layer fails: the limit is real.
+    let mut req = container(
+        &sandbox,
+        "tmpfs",
+        &["sh", "-c", "dd if=/dev/zero of=/big bs=1M count=20"],
+    );
+    req.rootfs.as_mut().unwrap().writable_bytes = 1 << 20;
+    let (code1, _, err) = run_to_end(&mut agent, req).await;
+    assert_ne!(code1, 0, "a 1 MiB writable layer took 20 MiB: {err}");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -683,4 +714,5 @@ on_both_backends!(
     security_settings_are_enforced,
     stats_and_updates,
     sandbox_settings_namespaces_and_mounts,
+    writable_layer_on_a_scratch_disk,
 );

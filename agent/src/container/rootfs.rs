@@ -85,6 +85,10 @@ pub struct Device {
 /// Finds the block device for a request's source. A regular file is
 /// attached to a read-only loop device that frees itself once unmounted.
 pub fn resolve_source(source: &str) -> Result<Device, RootfsError> {
+    resolve(source, false)
+}
+
+fn resolve(source: &str, writable: bool) -> Result<Device, RootfsError> {
     if let Some(serial) = source.strip_prefix("serial:") {
         return find_by_serial(Path::new("/sys/block"), serial)
             .map(|path| Device { path, _hold: None });
@@ -100,7 +104,7 @@ pub fn resolve_source(source: &str) -> Result<Device, RootfsError> {
             _hold: None,
         })
     } else if meta.is_file() {
-        attach_loop(path)
+        attach_loop(path, writable)
     } else {
         Err(RootfsError::BadSource(source.into()))
     }
@@ -149,12 +153,17 @@ struct LoopInfo64 {
     lo_init: [u64; 2],
 }
 
-fn attach_loop(file: &Path) -> Result<Device, RootfsError> {
+fn attach_loop(file: &Path, writable: bool) -> Result<Device, RootfsError> {
     let loop_err = |source| RootfsError::Loop {
         path: file.to_path_buf(),
         source,
     };
-    let backing = fs::File::open(file).map_err(loop_err)?;
+    // The loop device is read-only exactly when its backing file is.
+    let backing = fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(file)
+        .map_err(loop_err)?;
     let control = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -171,6 +180,7 @@ fn attach_loop(file: &Path) -> Result<Device, RootfsError> {
         let dev = PathBuf::from(format!("/dev/loop{n}"));
         let device = fs::OpenOptions::new()
             .read(true)
+            .write(writable)
             .open(&dev)
             .map_err(loop_err)?;
         // SAFETY: LOOP_SET_FD takes the backing file's descriptor by value;
@@ -191,7 +201,7 @@ fn attach_loop(file: &Path) -> Result<Device, RootfsError> {
             lo_number: 0,
             lo_encrypt_type: 0,
             lo_encrypt_key_size: 0,
-            lo_flags: LO_FLAGS_AUTOCLEAR | LO_FLAGS_READ_ONLY,
+            lo_flags: LO_FLAGS_AUTOCLEAR | if writable { 0 } else { LO_FLAGS_READ_ONLY },
             lo_file_name: [0; 64],
             lo_crypt_name: [0; 64],
             lo_encrypt_key: [0; 32],
@@ -256,19 +266,35 @@ pub fn mount_rootfs(dir: &Path, spec: &Rootfs) -> Result<Mounted, RootfsError> {
     let rw = dir.join("rw");
     let result = (|| {
         fs::create_dir_all(&rw).map_err(io_err(&rw))?;
-        let size = if spec.writable_bytes == 0 {
-            DEFAULT_WRITABLE_BYTES
+        if spec.scratch_source.is_empty() {
+            let size = if spec.writable_bytes == 0 {
+                DEFAULT_WRITABLE_BYTES
+            } else {
+                spec.writable_bytes
+            };
+            mount(
+                Some("tmpfs"),
+                &rw,
+                Some("tmpfs"),
+                MsFlags::MS_NODEV,
+                Some(format!("size={size},mode=0755").as_str()),
+            )
+            .map_err(mount_err("the writable layer", &rw))?;
         } else {
-            spec.writable_bytes
-        };
-        mount(
-            Some("tmpfs"),
-            &rw,
-            Some("tmpfs"),
-            MsFlags::MS_NODEV,
-            Some(format!("size={size},mode=0755").as_str()),
-        )
-        .map_err(mount_err("the writable layer", &rw))?;
+            let scratch = resolve(&spec.scratch_source, true)?;
+            mount(
+                Some(&scratch.path),
+                &rw,
+                Some("ext4"),
+                MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+            .map_err(mount_err("the scratch disk", &rw))?;
+            // A scratch disk reused from an earlier container starts clean.
+            for sub in ["upper", "work"] {
+                let _ = fs::remove_dir_all(rw.join(sub));
+            }
+        }
         for sub in ["upper", "work"] {
             fs::create_dir(rw.join(sub)).map_err(io_err(&rw))?;
         }
