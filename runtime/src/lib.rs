@@ -6,3 +6,4 @@
 
 pub mod guest;
 pub mod hypervisor;
+pub mod image;

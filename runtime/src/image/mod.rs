@@ -1,0 +1,6 @@
+//! Images: references, registry pulls, the content store, safe unpacking,
+//! erofs root filesystems and the CRI ImageService.
+
+pub mod reference;
+pub mod store;
+pub mod unpack;
