@@ -1,6 +1,8 @@
 //! Images: references, registry pulls, the content store, safe unpacking,
 //! erofs root filesystems and the CRI ImageService.
 
+pub mod erofs;
+pub mod manifest;
 pub mod reference;
 pub mod store;
 pub mod unpack;
