@@ -89,6 +89,14 @@ pub async fn build(src: &Path, out: &Path, timeout: Duration) -> Result<u64, Ero
             source,
         })?
         .len();
+    // Read-only for everyone: the VMM (possibly jailed as another user) opens it.
+    std::fs::set_permissions(&*tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644)).map_err(
+        |source| ErofsError::Io {
+            op: "changing mode of",
+            path: tmp.to_path_buf(),
+            source,
+        },
+    )?;
     tmp.persist(out).map_err(|e| ErofsError::Io {
         op: "renaming to",
         path: out.to_path_buf(),

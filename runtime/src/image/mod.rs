@@ -2,7 +2,10 @@
 //! erofs root filesystems and the CRI ImageService.
 
 pub mod erofs;
+pub mod import;
+pub mod manager;
 pub mod manifest;
+pub mod pull;
 pub mod reference;
 pub mod store;
 pub mod unpack;

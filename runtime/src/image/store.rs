@@ -244,6 +244,48 @@ impl Store {
         Ok(())
     }
 
+    /// Copies a file into the store as blob `digest`, verifying it on the
+    /// way and refusing more than `limit` bytes.
+    pub fn import_file(&self, digest: &str, src: &Path, limit: u64) -> Result<(), StoreError> {
+        use std::io::Read;
+        let dest = self.blob_path(digest)?;
+        if dest.is_file() {
+            return Ok(());
+        }
+        let mut input = fs::File::open(src).map_err(io("opening", src))?;
+        let ingest = self.root.join("ingest");
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(&ingest).map_err(io("creating in", &ingest))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = input.read(&mut buf).map_err(io("reading", src))?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > limit {
+                return Err(StoreError::TooLarge {
+                    digest: digest.to_string(),
+                    limit,
+                });
+            }
+            hasher.update(&buf[..n]);
+            tmp.write_all(&buf[..n]).map_err(io("writing", src))?;
+        }
+        let actual = format!("sha256:{}", hex(&hasher.finalize()));
+        if actual != digest {
+            return Err(StoreError::DigestMismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        tmp.persist(&dest)
+            .map_err(|e| io("renaming to", &dest)(e.error))?;
+        Ok(())
+    }
+
     /// Starts writing a blob that arrives in pieces; nothing is visible
     /// until [`BlobWriter::commit`] has verified it.
     pub fn blob_writer(&self, digest: &str, limit: u64) -> Result<BlobWriter, StoreError> {
