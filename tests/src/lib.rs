@@ -71,3 +71,6 @@ pub fn sha256_digest(data: &[u8]) -> String {
     }
     s
 }
+
+pub mod oci_layout;
+pub mod registry;

@@ -125,26 +125,26 @@ fn read_layout(layout: &Path, manager: &ImageManager) -> Result<Vec<Commit>, Imp
         let bytes = store
             .read_blob(&top, manifest::MAX_MANIFEST_BYTES)
             .map_err(ImportError::Blob)?;
-        let (manifest_digest, m) =
-            match manifest::parse(&bytes, Some(&desc.media_type().to_string()))? {
-                Document::Manifest(m) => (top.clone(), m),
-                Document::Index(inner) => {
-                    let chosen = manifest::select(&inner, &manifest::Platform::default())?;
-                    let digest = manifest::digest_of(&chosen)?;
-                    put(&digest, manifest::MAX_MANIFEST_BYTES)?;
-                    let bytes = store
-                        .read_blob(&digest, manifest::MAX_MANIFEST_BYTES)
-                        .map_err(ImportError::Blob)?;
-                    match manifest::parse(&bytes, None)? {
-                        Document::Manifest(m) => (digest, m),
-                        Document::Index(_) => {
-                            return Err(
-                                ManifestError::UnsupportedMediaType("nested index".into()).into()
-                            );
-                        }
+        let (manifest_digest, m) = match manifest::parse(&bytes, Some(desc.media_type().as_ref()))?
+        {
+            Document::Manifest(m) => (top.clone(), m),
+            Document::Index(inner) => {
+                let chosen = manifest::select(&inner, &manifest::Platform::default())?;
+                let digest = manifest::digest_of(&chosen)?;
+                put(&digest, manifest::MAX_MANIFEST_BYTES)?;
+                let bytes = store
+                    .read_blob(&digest, manifest::MAX_MANIFEST_BYTES)
+                    .map_err(ImportError::Blob)?;
+                match manifest::parse(&bytes, None)? {
+                    Document::Manifest(m) => (digest, m),
+                    Document::Index(_) => {
+                        return Err(
+                            ManifestError::UnsupportedMediaType("nested index".into()).into()
+                        );
                     }
                 }
-            };
+            }
+        };
         let config_digest = manifest::digest_of(m.config())?;
         put(&config_digest, manifest::MAX_CONFIG_BYTES)?;
         let config_bytes = store

@@ -228,19 +228,17 @@ impl ImageManager {
         if self.store.get(&remote.config_digest).is_none() {
             let max = self.puller.config().max_layer_bytes;
             let parallel = self.puller.config().max_concurrent_downloads.max(1);
-            futures_util::stream::iter(remote.layers.iter())
-                .map(|layer| {
-                    let remote = &remote;
-                    async move {
-                        let _blob = self.locks.lock(format!("blob:{}", layer.digest)).await;
-                        if self.store.has_blob(&layer.digest) {
-                            progress(PullEvent::LayerCached {
-                                digest: layer.digest.clone(),
-                            });
-                            return Ok(());
-                        }
-                        remote.fetch_layer(&self.store, layer, max, progress).await
+            let remote = &remote;
+            futures_util::stream::iter(remote.layers.clone())
+                .map(|layer: LayerRecord| async move {
+                    let _blob = self.locks.lock(format!("blob:{}", layer.digest)).await;
+                    if self.store.has_blob(&layer.digest) {
+                        progress(PullEvent::LayerCached {
+                            digest: layer.digest.clone(),
+                        });
+                        return Ok(());
                     }
+                    remote.fetch_layer(&self.store, &layer, max, progress).await
                 })
                 .buffer_unordered(parallel)
                 .try_collect::<Vec<()>>()

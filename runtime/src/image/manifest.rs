@@ -49,9 +49,9 @@ pub enum ManifestError {
 #[derive(Debug)]
 pub enum Document {
     /// A multi-platform index (OCI index or Docker manifest list).
-    Index(ImageIndex),
+    Index(Box<ImageIndex>),
     /// A single-platform image manifest.
-    Manifest(ImageManifest),
+    Manifest(Box<ImageManifest>),
 }
 
 /// The platform to pick from indexes.
@@ -116,14 +116,14 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Document, Manif
             }
         });
     match media_type.as_str() {
-        OCI_INDEX | DOCKER_LIST => Ok(Document::Index(
+        OCI_INDEX | DOCKER_LIST => Ok(Document::Index(Box::new(
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed("index", e))?,
-        )),
+        ))),
         OCI_MANIFEST | DOCKER_MANIFEST => {
             let manifest: ImageManifest = serde_json::from_slice(bytes)
                 .map_err(|e| ManifestError::Malformed("manifest", e))?;
             check_manifest(&manifest)?;
-            Ok(Document::Manifest(manifest))
+            Ok(Document::Manifest(Box::new(manifest)))
         }
         other => Err(ManifestError::UnsupportedMediaType(other.to_string())),
     }

@@ -7,5 +7,6 @@ pub mod manager;
 pub mod manifest;
 pub mod pull;
 pub mod reference;
+pub mod service;
 pub mod store;
 pub mod unpack;

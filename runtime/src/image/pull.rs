@@ -525,9 +525,23 @@ impl RemoteImage {
                     timeout,
                 })?;
             let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(|e| PullError::Registry {
-                endpoint: endpoint.clone(),
-                source: OciDistributionError::IoError(e),
+            let chunk = chunk.map_err(|e| {
+                // The client checks the digest at the end of the stream too.
+                let mismatch = e
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>());
+                if mismatch {
+                    PullError::DigestMismatch {
+                        what: "layer",
+                        endpoint: endpoint.clone(),
+                        expected: layer.digest.clone(),
+                    }
+                } else {
+                    PullError::Registry {
+                        endpoint: endpoint.clone(),
+                        source: OciDistributionError::IoError(e),
+                    }
+                }
             })?;
             writer.write(&chunk).await.map_err(|e| match e {
                 StoreError::TooLarge { digest, limit } => PullError::TooLarge {
