@@ -480,3 +480,70 @@ fn malicious_layers_are_refused_with_nothing_written_outside() {
             .is_none()
     );
 }
+
+#[test]
+fn cancelled_pulls_leave_nothing_behind() {
+    let registry = TestRegistry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let extra = LayerTar::new()
+        .file("more", 0o644, &[1u8; 1 << 20])
+        .finish();
+    let built = write_image(
+        layout.path(),
+        "v1",
+        &[
+            layer(&busybox_layer(), Compression::Gzip),
+            layer(&extra, Compression::Gzip),
+        ],
+        "",
+    );
+    registry.push_layout(layout.path(), "v1", "test/cancel", &[]);
+    let reference = format!("{}/test/cancel:v1", registry.host());
+    let rt = runtime();
+    // Deadlines that fire at different points of the pull: resolving,
+    // downloading, unpacking or building.
+    for micros in [1u64, 500, 2_000, 5_000, 10_000, 20_000, 50_000] {
+        let state = tempfile::tempdir().unwrap();
+        let m = manager_for(state.path(), &registry);
+        let result = rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_micros(micros),
+                m.pull(&reference, &Credentials::Anonymous, &|_| {}),
+            )
+            .await
+        });
+        // A cancelled unpack notices at its next entry; give it a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::read_dir(state.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_some()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        no_leftovers(state.path());
+        match result {
+            Ok(done) => {
+                assert_eq!(done.unwrap().id, built.config);
+            }
+            Err(_) => {
+                assert!(m.list().is_empty(), "half image visible after cancel");
+                let rootfs: Vec<_> = std::fs::read_dir(state.path().join("rootfs"))
+                    .unwrap()
+                    .collect();
+                assert!(rootfs.is_empty(), "partial erofs left: {rootfs:?}");
+                // Blobs that are there are verified ones.
+                for entry in std::fs::read_dir(state.path().join("blobs/sha256")).unwrap() {
+                    let path = entry.unwrap().path();
+                    let data = std::fs::read(&path).unwrap();
+                    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                    assert_eq!(vmpod_tests::sha256_digest(&data), format!("sha256:{name}"));
+                }
+                // And the image can be pulled after all.
+                let record = pull(&m, &reference).expect("pull after cancel");
+                assert_eq!(record.id, built.config);
+            }
+        }
+    }
+}
