@@ -395,6 +395,13 @@ fn malicious_layers_are_refused_with_nothing_written_outside() {
     let registry = TestRegistry::start();
     let state = tempfile::tempdir().unwrap();
     let m = manager_for(state.path(), &registry);
+    // Only one process at a time may own a store.
+    assert!(matches!(
+        ImageManager::open(state.path(), ImageConfig::default()),
+        Err(ImageError::Store(vmpod::image::store::StoreError::Locked(
+            _
+        )))
+    ));
     let sentinel_dir = tempfile::tempdir().unwrap();
     let outside = sentinel_dir.path().display().to_string();
     let outside = outside.trim_start_matches('/').to_string();
@@ -445,10 +452,10 @@ fn malicious_layers_are_refused_with_nothing_written_outside() {
         ),
         ("bomb", bomb),
     ];
+    drop(m);
     let mut config = config(&[(&registry.host(), vec![plain(&registry.host())])]);
     config.unpack.max_bytes = 16 << 20;
     let m2 = ImageManager::open(state.path(), config).unwrap();
-    drop(m);
     for (name, tar) in corpus {
         let layout = tempfile::tempdir().unwrap();
         write_image(layout.path(), name, &[layer(&tar, Compression::Gzip)], "");

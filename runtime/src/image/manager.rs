@@ -264,9 +264,20 @@ impl ImageManager {
         let config = manifest::parse_config(&c.config_bytes)
             .map_err(|e| ImageError::Manifest(id.clone(), e))?;
         let _unpack = self.locks.lock(format!("rootfs:{id}")).await;
+        if config.diff_ids.len() != c.layers.len() {
+            return Err(ImageError::Manifest(
+                id,
+                ManifestError::InvalidDescriptor(format!(
+                    "{} layers but {} diff_ids",
+                    c.layers.len(),
+                    config.diff_ids.len()
+                )),
+            ));
+        }
         let rootfs = self.store.rootfs_path(&id);
         if !rootfs.exists() {
-            self.build_rootfs(&id, &c.layers, &rootfs).await?;
+            self.build_rootfs(&id, &c.layers, &config.diff_ids, &rootfs)
+                .await?;
         }
         let rootfs_size = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0);
         let record = ImageRecord {
@@ -290,14 +301,19 @@ impl ImageManager {
         &self,
         id: &str,
         layers: &[LayerRecord],
+        diff_ids: &[String],
         rootfs: &Path,
     ) -> Result<(), ImageError> {
         let paths = layers
             .iter()
-            .map(|l| {
-                let p = self.store.blob_path(&l.digest)?;
-                if p.is_file() {
-                    Ok(p)
+            .zip(diff_ids)
+            .map(|(l, diff_id)| {
+                let path = self.store.blob_path(&l.digest)?;
+                if path.is_file() {
+                    Ok(unpack::LayerSource {
+                        path,
+                        diff_id: Some(diff_id.clone()),
+                    })
                 } else {
                     Err(StoreError::MissingBlob(l.digest.clone()))
                 }

@@ -172,6 +172,8 @@ pub fn select(index: &ImageIndex, platform: &Platform) -> Result<Descriptor, Man
 pub struct ConfigSummary {
     /// The `User` field (may be empty).
     pub user: String,
+    /// `rootfs.diff_ids`: sha256 of each uncompressed layer, bottom first.
+    pub diff_ids: Vec<String>,
 }
 
 /// Parses an image config.
@@ -183,7 +185,13 @@ pub fn parse_config(bytes: &[u8]) -> Result<ConfigSummary, ManifestError> {
         .as_ref()
         .and_then(|c| c.user().clone())
         .unwrap_or_default();
-    Ok(ConfigSummary { user })
+    let diff_ids = config
+        .rootfs()
+        .diff_ids()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    Ok(ConfigSummary { user, diff_ids })
 }
 
 /// The CRI view of a config `User`: a numeric UID, or a user name

@@ -60,6 +60,9 @@ pub enum StoreError {
     /// A blob the caller needs is not in the store.
     #[error("blob {0} is not in the store")]
     MissingBlob(String),
+    /// Another process (a daemon, a CLI) has the store open.
+    #[error("the image store {} is in use by another process", .0.display())]
+    Locked(PathBuf),
     /// An image record could not be encoded.
     #[error("encoding the record of image {0}")]
     Encode(String, #[source] serde_json::Error),
@@ -126,12 +129,25 @@ impl ImageRecord {
 pub struct Store {
     root: PathBuf,
     images: Mutex<BTreeMap<String, ImageRecord>>,
+    /// Held while open: `open` empties the scratch dirs, which must never
+    /// happen under another process's running pull.
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 impl Store {
     /// Opens (creating) the store at `root`, drops leftovers of interrupted
     /// pulls and loads the image records.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(root).map_err(io("creating", root))?;
+        let lock_path = root.join("store.lock");
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("opening", &lock_path))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::Locked(root.to_path_buf()))?;
         for dir in ["blobs/sha256", "images", "rootfs"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io("creating", &p))?;
@@ -187,6 +203,7 @@ impl Store {
         Ok(Self {
             root: root.to_path_buf(),
             images: Mutex::new(images),
+            _lock: lock,
         })
     }
 
@@ -560,11 +577,16 @@ mod tests {
         fs::write(dir.path().join("images/zzz.json.tmp"), b"{").unwrap();
         fs::write(dir.path().join("rootfs/orphan.erofs"), b"x").unwrap();
         let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Locked(_))
+        ));
         assert_eq!(store.get(&a).unwrap().repo_tags, vec!["x/y:1"]);
         assert_eq!(store.get(&b).unwrap().repo_tags, vec!["x/y:latest"]);
         assert!(!dir.path().join("rootfs/orphan.erofs").exists());
         assert!(!dir.path().join("images/zzz.json.tmp").exists());
         store.remove(&a).unwrap();
+        drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert!(store.get(&a).is_none());
         assert!(!store.rootfs_path(&a).exists());

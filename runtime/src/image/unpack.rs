@@ -25,6 +25,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use sha2::{Digest as _, Sha256};
+
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 const MAX_PATH_LEN: usize = 4096;
@@ -74,6 +76,14 @@ pub enum UnpackError {
         #[source]
         source: std::io::Error,
     },
+    /// The uncompressed layer does not match the config's `diff_id`.
+    #[error("layer content does not match diff_id {expected} (got {actual})")]
+    DiffIdMismatch {
+        /// The config's diff_id.
+        expected: String,
+        /// What the layer hashes to.
+        actual: String,
+    },
     /// The pull was cancelled.
     #[error("unpack cancelled")]
     Cancelled,
@@ -117,21 +127,73 @@ pub struct UnpackStats {
     pub entries: u64,
 }
 
+/// One layer to apply: its blob and the sha256 its uncompressed tar must
+/// have (the config's `rootfs.diff_ids` entry).
+#[derive(Clone, Debug)]
+pub struct LayerSource {
+    /// The (compressed) blob.
+    pub path: PathBuf,
+    /// `sha256:<hex>` of the uncompressed stream, when known.
+    pub diff_id: Option<String>,
+}
+
 /// Applies layers (bottom first) onto `root`, which must be an existing,
 /// private, initially empty directory.
 pub fn unpack_layers(
     root: &Path,
-    layers: &[PathBuf],
+    layers: &[LayerSource],
     limits: &UnpackLimits,
     cancel: &AtomicBool,
 ) -> Result<UnpackStats, UnpackError> {
     let mut stats = UnpackStats::default();
     for layer in layers {
-        let file = fs::File::open(layer).map_err(io("opening", layer))?;
+        let file = fs::File::open(&layer.path).map_err(io("opening", &layer.path))?;
         let reader = decompress(BufReader::with_capacity(COPY_BUFFER, file))?;
-        apply_layer(root, reader, limits, cancel, &mut stats)?;
+        let mut hashing = HashingReader {
+            inner: reader,
+            hasher: Sha256::new(),
+        };
+        let mut rest = apply_layer(root, &mut hashing, limits, cancel, &mut stats)?;
+        // The tar ends before the stream does (end-of-archive padding): hash
+        // the remainder too, within the same byte budget.
+        let budget = limits.max_bytes.saturating_sub(stats.bytes);
+        let drained = std::io::copy(&mut (&mut rest).take(budget + 1), &mut std::io::sink())
+            .map_err(UnpackError::Malformed)?;
+        if drained > budget {
+            return Err(UnpackError::TooLarge(limits.max_bytes));
+        }
+        if let Some(expected) = &layer.diff_id {
+            let actual = format!("sha256:{}", hex(&hashing.hasher.finalize()));
+            if actual != *expected {
+                return Err(UnpackError::DiffIdMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
     }
     Ok(stats)
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Picks the decompressor from the stream's magic bytes: manifests lie
@@ -188,15 +250,27 @@ impl<R: BufRead> Read for ZstdFrames<R> {
     }
 }
 
-/// Applies one uncompressed tar stream.
+/// Applies one uncompressed tar stream; returns the reader, positioned
+/// after the end-of-archive marker.
 pub fn apply_layer<R: Read>(
     root: &Path,
     reader: R,
     limits: &UnpackLimits,
     cancel: &AtomicBool,
     stats: &mut UnpackStats,
-) -> Result<(), UnpackError> {
+) -> Result<R, UnpackError> {
     let mut archive = tar::Archive::new(reader);
+    apply_entries(root, &mut archive, limits, cancel, stats)?;
+    Ok(archive.into_inner())
+}
+
+fn apply_entries<R: Read>(
+    root: &Path,
+    archive: &mut tar::Archive<R>,
+    limits: &UnpackLimits,
+    cancel: &AtomicBool,
+    stats: &mut UnpackStats,
+) -> Result<(), UnpackError> {
     let mut this_layer: HashSet<PathBuf> = HashSet::new();
     let entries = archive.entries().map_err(UnpackError::Malformed)?;
     for entry in entries {
@@ -705,8 +779,29 @@ mod tests {
             &AtomicBool::new(false),
             &mut stats,
         )
-        .unwrap_err();
+        .err()
+        .expect("bomb refused");
         assert!(matches!(err, UnpackError::TooLarge(_)), "{err}");
+    }
+
+    #[test]
+    fn diff_ids_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[E::File("f", b"x")]);
+        let blob = dir.path().join("blob");
+        fs::write(&blob, &tar).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let good = format!("sha256:{}", hex(&Sha256::digest(&tar)));
+        let layer = |diff_id: &str| LayerSource {
+            path: blob.clone(),
+            diff_id: Some(diff_id.to_string()),
+        };
+        let cancel = AtomicBool::new(false);
+        unpack_layers(&root, &[layer(&good)], &limits(), &cancel).unwrap();
+        let bad = format!("sha256:{}", "0".repeat(64));
+        let err = unpack_layers(&root, &[layer(&bad)], &limits(), &cancel).unwrap_err();
+        assert!(matches!(err, UnpackError::DiffIdMismatch { .. }), "{err}");
     }
 
     #[test]
