@@ -310,5 +310,52 @@ async fn image_service_rpcs_over_a_unix_socket() {
             .count(),
         0
     );
+
+    // A pull past its deadline is dropped by the server and leaves nothing.
+    let layout = tempfile::tempdir().unwrap();
+    let late = write_image(
+        layout.path(),
+        "late",
+        &[layer(&busybox_layer(), Compression::Gzip)],
+        "",
+    );
+    registry.push_layout(layout.path(), "late", "cri/late", &[]);
+    let late_ref = format!("{}/cri/late:late", registry.host());
+    let mut request = tonic::Request::new(PullImageRequest {
+        image: spec(&late_ref),
+        auth: Some(AuthConfig {
+            username: "bob".into(),
+            password: "pw".into(),
+            ..AuthConfig::default()
+        }),
+        ..PullImageRequest::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(1));
+    let err = client.pull_image(request).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(state.path().join("tmp"))
+        .unwrap()
+        .next()
+        .is_some()
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(manager.find(&late_ref).is_none());
+    assert!(!manager.store().rootfs_path(&late.config).exists());
+    assert_eq!(
+        std::fs::read_dir(state.path().join("tmp")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(state.path().join("ingest"))
+            .unwrap()
+            .count(),
+        0
+    );
     server.abort();
 }

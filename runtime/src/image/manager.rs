@@ -320,6 +320,7 @@ impl ImageManager {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let scratch = self.store.scratch_dir()?;
+        let started = std::time::Instant::now();
         let cancel = Arc::new(AtomicBool::new(false));
         let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let limits = self.unpack;
@@ -339,8 +340,16 @@ impl ImageManager {
         .await
         .map_err(ImageError::Task)?;
         let stats = result.map_err(|e| ImageError::Unpack(id.to_string(), e))?;
-        tracing::debug!(id, bytes = stats.bytes, entries = stats.entries, "unpacked");
+        let unpacked = started.elapsed();
         let built = erofs::build(&scratch.path().join("rootfs"), rootfs, self.erofs_timeout).await;
+        tracing::info!(
+            id,
+            bytes = stats.bytes,
+            entries = stats.entries,
+            unpack_s = unpacked.as_secs_f64(),
+            erofs_s = (started.elapsed() - unpacked).as_secs_f64(),
+            "rootfs built"
+        );
         // Removing a large tree blocks: not on the async threads.
         let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
         built.map_err(|e| ImageError::Erofs(id.to_string(), e))?;

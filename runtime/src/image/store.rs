@@ -200,6 +200,18 @@ impl Store {
                 let _ = fs::remove_file(entry.path());
             }
         }
+        // Blobs no image references: left by pulls that failed or were
+        // cancelled after some content was verified. Nothing else runs yet.
+        let referenced: std::collections::HashSet<&str> =
+            images.values().flat_map(|r| r.blobs()).collect();
+        let blob_dir = root.join("blobs/sha256");
+        for entry in fs::read_dir(&blob_dir).map_err(io("reading", &blob_dir))? {
+            let entry = entry.map_err(io("reading", &blob_dir))?;
+            let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+            if !referenced.contains(digest.as_str()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         Ok(Self {
             root: root.to_path_buf(),
             images: Mutex::new(images),
@@ -573,10 +585,20 @@ mod tests {
             store.put(record(&a, &["x/y:1", "x/y:latest"])).unwrap();
             store.put(record(&b, &["x/y:latest"])).unwrap();
         }
-        // A crashed record write and an orphan rootfs are cleaned at open.
+        // A crashed record write, an orphan rootfs and an unreferenced blob
+        // are cleaned at open.
         fs::write(dir.path().join("images/zzz.json.tmp"), b"{").unwrap();
         fs::write(dir.path().join("rootfs/orphan.erofs"), b"x").unwrap();
+        let orphan = sha256_digest(b"orphan");
+        let manifest = sha256_digest(b"m");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.write_blob(&orphan, b"orphan").unwrap();
+            store.write_blob(&manifest, b"m").unwrap();
+        }
         let store = Store::open(dir.path()).unwrap();
+        assert!(!store.has_blob(&orphan));
+        assert!(store.has_blob(&manifest), "referenced blob kept");
         assert!(matches!(
             Store::open(dir.path()),
             Err(StoreError::Locked(_))
