@@ -183,6 +183,8 @@ fn image_command(
                 None => Credentials::Anonymous,
             };
             let start = std::time::Instant::now();
+            // Last tenth reported per layer: one line per 10%, not per MiB.
+            let reported = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
             let progress = |event: PullEvent| match event {
                 PullEvent::Resolved {
                     endpoint,
@@ -196,11 +198,15 @@ fn image_command(
                     digest,
                     done,
                     total,
-                } => eprintln!(
-                    "{}: {:>3}% of {total} bytes",
-                    short(&digest),
-                    done.saturating_mul(100) / total.max(1)
-                ),
+                } => {
+                    let tenth = done.saturating_mul(10) / total.max(1);
+                    let mut reported = reported.lock().unwrap_or_else(|e| e.into_inner());
+                    let last = reported.entry(digest.clone()).or_insert(0);
+                    if tenth > *last {
+                        *last = tenth;
+                        eprintln!("{}: {:>3}% of {total} bytes", short(&digest), tenth * 10);
+                    }
+                }
                 PullEvent::LayerDone { digest } => eprintln!("{}: done", short(&digest)),
                 PullEvent::Unpacking => eprintln!("unpacking and building the erofs rootfs"),
             };

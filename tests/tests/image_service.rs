@@ -87,6 +87,8 @@ async fn image_service_rpcs_over_a_unix_socket() {
         "www-data",
     );
     registry.push_layout(layout.path(), "named", "cri/app", &[]);
+    // The same image under a second name.
+    registry.push_layout(layout.path(), "named", "cri/alias", &[]);
 
     let state = tempfile::tempdir().unwrap();
     let mut config = ImageConfig::default();
@@ -277,6 +279,35 @@ async fn image_service_rpcs_over_a_unix_socket() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(manager.find(&numeric.config).is_some());
     usage.0.lock().unwrap().clear();
+
+    // An image with two tags loses only the tag named...
+    let alias_ref = format!("{}/cri/alias:named", registry.host());
+    client
+        .pull_image(PullImageRequest {
+            image: spec(&alias_ref),
+            auth: Some(AuthConfig {
+                username: "bob".into(),
+                password: "pw".into(),
+                ..AuthConfig::default()
+            }),
+            ..PullImageRequest::default()
+        })
+        .await
+        .expect("PullImage of the alias");
+    let both = manager.find(&alias_ref).unwrap();
+    assert_eq!(both.id, named.config);
+    assert_eq!(both.repo_tags.len(), 2, "{:?}", both.repo_tags);
+    client
+        .remove_image(RemoveImageRequest {
+            image: spec(&alias_ref),
+        })
+        .await
+        .expect("RemoveImage of one tag");
+    let left = manager
+        .find(&named_ref)
+        .expect("image kept for its other tag");
+    assert_eq!(left.repo_tags, vec![named_ref.clone()]);
+    assert!(manager.find(&alias_ref).is_none());
 
     // ...removes by ID with all its tags once it is free...
     client

@@ -313,6 +313,7 @@ fn apply_entries<R: Read>(
             entry_type,
             tar::EntryType::Regular
                 | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse
                 | tar::EntryType::Directory
                 | tar::EntryType::Symlink
                 | tar::EntryType::Link
@@ -339,7 +340,8 @@ fn apply_entries<R: Read>(
                 }
                 Err(_) => fs::create_dir(&dest).map_err(io("creating", &dest))?,
             },
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
+            // The tar reader expands sparse entries into their full content.
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 remove_existing(&dest)?;
                 let mut file = fs::OpenOptions::new()
                     .write(true)
@@ -816,6 +818,20 @@ mod tests {
         assert_eq!(out, tar);
         let mut out = Vec::new();
         decompress(&tar[..]).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, tar);
+        // Several frames in a row (as chunked zstd writers produce).
+        let (a, b) = tar.split_at(700);
+        let mut frames =
+            ruzstd::encoding::compress_to_vec(a, ruzstd::encoding::CompressionLevel::Fastest);
+        frames.extend(ruzstd::encoding::compress_to_vec(
+            b,
+            ruzstd::encoding::CompressionLevel::Fastest,
+        ));
+        let mut out = Vec::new();
+        decompress(&frames[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
         assert_eq!(out, tar);
         assert!(matches!(
             decompress(&b"garbage that is not a layer"[..]),
