@@ -13,26 +13,48 @@ use crate::require_program;
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const SKOPEO_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How the registry authenticates.
+enum Auth {
+    None,
+    /// htpasswd basic auth.
+    Basic(String, String),
+    /// Bearer tokens from our token server, which wants these credentials.
+    Token(String, String),
+}
+
 /// A running registry.
 pub struct TestRegistry {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
     auth: Option<(String, String)>,
+    token_server: Option<TokenServer>,
 }
 
 impl TestRegistry {
     /// Starts an open registry.
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_inner(Auth::None)
     }
 
     /// Starts a registry that demands basic auth with this user.
     pub fn start_with_basic_auth(user: &str, password: &str) -> Self {
-        Self::start_inner(Some((user.to_string(), password.to_string())))
+        Self::start_inner(Auth::Basic(user.to_string(), password.to_string()))
     }
 
-    fn start_inner(auth: Option<(String, String)>) -> Self {
+    /// Starts a registry that demands bearer tokens (the challenge flow),
+    /// with a token server on loopback that hands a token to this user
+    /// for repository `token/app` (pull and push).
+    pub fn start_with_token_auth(user: &str, password: &str) -> Self {
+        Self::start_inner(Auth::Token(user.to_string(), password.to_string()))
+    }
+
+    /// The token the token server hands out (for `registry_token` tests).
+    pub fn token(&self) -> Option<&str> {
+        self.token_server.as_ref().map(|t| t.token.as_str())
+    }
+
+    fn start_inner(auth: Auth) -> Self {
         require_program("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("temp dir for the registry");
         let storage = dir.path().join("storage");
@@ -42,7 +64,21 @@ impl TestRegistry {
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             storage.display()
         );
-        if let Some((user, password)) = &auth {
+        let mut token_server = None;
+        let creds = match &auth {
+            Auth::None => None,
+            Auth::Basic(u, p) | Auth::Token(u, p) => Some((u.clone(), p.clone())),
+        };
+        if let Auth::Token(user, password) = &auth {
+            let server = TokenServer::start(dir.path(), user, password);
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                server.port,
+                dir.path().join("token-cert.pem").display()
+            ));
+            token_server = Some(server);
+        }
+        if let Auth::Basic(user, password) = &auth {
             require_program("htpasswd", "apache2-utils");
             let htpasswd = dir.path().join("htpasswd");
             let out = Command::new("htpasswd")
@@ -71,7 +107,8 @@ impl TestRegistry {
             child,
             dir,
             port,
-            auth,
+            auth: creds,
+            token_server,
         };
         registry.wait_ready();
         registry
@@ -142,6 +179,169 @@ impl Drop for TestRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+const TOKEN_SERVICE: &str = "vmpod-test";
+const TOKEN_ISSUER: &str = "vmpod-test-issuer";
+const TOKEN_REPO: &str = "token/app";
+
+/// A minimal Docker token server: answers `GET /token` with one
+/// pre-signed JWT (RS256, x5c header, self-signed cert the registry
+/// trusts) when the basic credentials match, 401 otherwise.
+struct TokenServer {
+    port: u16,
+    token: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TokenServer {
+    fn start(dir: &Path, user: &str, password: &str) -> Self {
+        use base64::Engine as _;
+        require_program("openssl", "openssl");
+        let key = dir.join("token-key.pem");
+        let cert = dir.join("token-cert.pem");
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=vmpod-test-token",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+        run_with_timeout(cmd, Duration::from_secs(60));
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .expect("converting the token cert");
+        assert!(der.status.success(), "openssl x509 failed");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let header =
+            serde_json::json!({ "typ": "JWT", "alg": "RS256", "x5c": [b64.encode(&der.stdout)] });
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE,
+            "exp": now + 3600, "nbf": now - 60, "iat": now - 60, "jti": "vmpod-test",
+            "access": [{ "type": "repository", "name": TOKEN_REPO, "actions": ["pull", "push"] }],
+        });
+        let signing_input = format!(
+            "{}.{}",
+            b64url.encode(header.to_string()),
+            b64url.encode(claims.to_string())
+        );
+        let input_path = dir.join("token-input");
+        std::fs::write(&input_path, &signing_input).expect("writing the signing input");
+        let sig = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key)
+            .arg(&input_path)
+            .output()
+            .expect("signing the token");
+        assert!(sig.status.success(), "openssl dgst failed");
+        let token = format!("{signing_input}.{}", b64url.encode(&sig.stdout));
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("token server port");
+        let port = listener.local_addr().expect("token server addr").port();
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking token listener");
+        let expected = format!("Basic {}", b64.encode(format!("{user}:{password}")));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            let token = token.clone();
+            std::thread::spawn(move || serve_tokens(listener, &expected, &token, &stop))
+        };
+        Self {
+            port,
+            token,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_tokens(
+    listener: TcpListener,
+    expected: &str,
+    token: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut reader = BufReader::new(match stream.try_clone() {
+            Ok(s) => s,
+            Err(_) => continue,
+        });
+        let mut authorized = false;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let trimmed = line.trim_end();
+            if trimmed.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = trimmed.split_once(':')
+                && name.eq_ignore_ascii_case("authorization")
+                && value.trim() == expected
+            {
+                authorized = true;
+            }
+        }
+        let (status, body) = if authorized {
+            (
+                "200 OK",
+                serde_json::json!({ "token": token, "access_token": token, "expires_in": 3600 })
+                    .to_string(),
+            )
+        } else {
+            (
+                "401 Unauthorized",
+                r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#.to_string(),
+            )
+        };
+        let mut stream = stream;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
     }
 }
 

@@ -554,3 +554,44 @@ fn cancelled_pulls_leave_nothing_behind() {
         }
     }
 }
+
+#[test]
+fn token_auth_registry_uses_the_bearer_challenge_flow() {
+    let registry = TestRegistry::start_with_token_auth("carol", "tok-pw");
+    let layout = tempfile::tempdir().unwrap();
+    let t = LayerTar::new().file("token", 0o644, b"bearer").finish();
+    let built = write_image(layout.path(), "v1", &[layer(&t, Compression::Gzip)], "");
+    registry.push_layout(layout.path(), "v1", "token/app", &[]);
+    let reference = format!("{}/token/app:v1", registry.host());
+    let rt = runtime();
+
+    let state = tempfile::tempdir().unwrap();
+    let m = manager_for(state.path(), &registry);
+    let anonymous = rt.block_on(m.pull(&reference, &Credentials::Anonymous, &|_| {}));
+    assert!(
+        matches!(
+            anonymous,
+            Err(ImageError::Pull(_, PullError::Unauthorized(_)))
+        ),
+        "{anonymous:?}"
+    );
+    // Username/password are exchanged for a token at the realm.
+    let basic = Credentials::Basic {
+        username: "carol".into(),
+        password: "tok-pw".into(),
+    };
+    let record = rt
+        .block_on(m.pull(&reference, &basic, &|_| {}))
+        .expect("pull through the token flow");
+    assert_eq!(record.id, built.config);
+
+    // A registry token (CRI registry_token) is sent as is.
+    drop(m);
+    let state = tempfile::tempdir().unwrap();
+    let m = manager_for(state.path(), &registry);
+    let token = Credentials::RegistryToken(registry.token().unwrap().to_string());
+    let record = rt
+        .block_on(m.pull(&reference, &token, &|_| {}))
+        .expect("pull with a registry token");
+    assert_eq!(record.id, built.config);
+}
