@@ -132,6 +132,26 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Hands a scratch tree to [`Store::discard`] when dropped.
+struct DiscardOnDrop<'a> {
+    store: &'a Store,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl DiscardOnDrop<'_> {
+    fn path(&self) -> &Path {
+        self.dir.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+impl Drop for DiscardOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            self.store.discard(dir);
+        }
+    }
+}
+
 /// What to record for an image whose manifest and config are in the store.
 pub(crate) struct Commit {
     pub repo_tags: Vec<String>,
@@ -339,9 +359,16 @@ impl ImageManager {
         })
         .await
         .map_err(ImageError::Task)?;
+        // From here on, however this ends (error, cancel), the tree goes to
+        // the background deleter.
+        let scratch = DiscardOnDrop {
+            store: &self.store,
+            dir: Some(scratch),
+        };
         let stats = result.map_err(|e| ImageError::Unpack(id.to_string(), e))?;
         let unpacked = started.elapsed();
         let built = erofs::build(&scratch.path().join("rootfs"), rootfs, self.erofs_timeout).await;
+        drop(scratch);
         tracing::info!(
             id,
             bytes = stats.bytes,
@@ -350,8 +377,6 @@ impl ImageManager {
             erofs_s = (started.elapsed() - unpacked).as_secs_f64(),
             "rootfs built"
         );
-        // Removing a large tree blocks: not on the async threads.
-        let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
         built.map_err(|e| ImageError::Erofs(id.to_string(), e))?;
         Ok(())
     }

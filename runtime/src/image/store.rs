@@ -6,6 +6,7 @@
 //! <state>/images/<id hex>.json   one record per image: what makes it visible
 //! <state>/rootfs/<id hex>.erofs  the read-only root filesystem, shared by all pods
 //! <state>/tmp/                   unpack scratch (emptied at open)
+//! <state>/trash/                 scratch trees being deleted in the background
 //! ```
 //!
 //! An image is visible only once its record is written, and the record is
@@ -152,11 +153,11 @@ impl Store {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io("creating", &p))?;
         }
-        for scratch in ["ingest", "tmp"] {
+        for scratch in ["ingest", "tmp", "trash"] {
             let p = root.join(scratch);
-            if p.exists() {
-                fs::remove_dir_all(&p).map_err(io("removing", &p))?;
-            }
+            // A deleter thread of an earlier store in this process may be
+            // removing the same trees: losing that race is fine.
+            let _ = fs::remove_dir_all(&p);
             fs::create_dir_all(&p).map_err(io("creating", &p))?;
         }
         let mut images = BTreeMap::new();
@@ -337,6 +338,34 @@ impl Store {
     pub fn scratch_dir(&self) -> Result<tempfile::TempDir, StoreError> {
         let tmp = self.root.join("tmp");
         tempfile::TempDir::new_in(&tmp).map_err(io("creating in", &tmp))
+    }
+
+    /// Deletes a scratch tree off the caller's path: it is moved to
+    /// `trash/` (one rename) and removed by a background thread, so a pull
+    /// returns as soon as its rootfs exists. Whatever a process exit
+    /// interrupts is removed at the next open.
+    pub fn discard(&self, dir: tempfile::TempDir) {
+        let path = dir.keep();
+        let Some(name) = path.file_name() else {
+            let _ = fs::remove_dir_all(&path);
+            return;
+        };
+        let target = self.root.join("trash").join(name);
+        let doomed = match fs::rename(&path, &target) {
+            Ok(()) => target,
+            Err(_) => path,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vmpod-trash".into())
+            .spawn({
+                let doomed = doomed.clone();
+                move || {
+                    let _ = fs::remove_dir_all(&doomed);
+                }
+            });
+        if spawned.is_err() {
+            let _ = fs::remove_dir_all(&doomed);
+        }
     }
 
     /// Where the erofs image of an image ID lives.
@@ -570,6 +599,21 @@ mod tests {
         w.commit().await.unwrap();
         assert_eq!(store.read_blob(&digest, 100).unwrap(), b"hello");
         assert!(store.write_blob(&digest, b"nope").is_err());
+    }
+
+    #[test]
+    fn discarded_scratch_leaves_tmp_at_once_and_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let scratch = store.scratch_dir().unwrap();
+        fs::create_dir_all(scratch.path().join("a/b")).unwrap();
+        fs::write(scratch.path().join("a/b/f"), b"x").unwrap();
+        store.discard(scratch);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // The deleter thread finishes on its own; a reopen removes the rest.
+        drop(store);
+        let _store = Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("trash")).unwrap().count(), 0);
     }
 
     #[test]
