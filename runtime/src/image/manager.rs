@@ -348,7 +348,15 @@ impl ImageManager {
         // at the next entry and its directory goes with it.
         let (scratch, result) = tokio::task::spawn_blocking(move || {
             let root = scratch.path().join("rootfs");
+            // 0755 whatever the daemon's umask: non-root container users
+            // must be able to traverse `/`.
             let result = std::fs::create_dir(&root)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &root,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                    )
+                })
                 .map_err(|source| UnpackError::Io {
                     op: "creating",
                     path: root.clone(),
