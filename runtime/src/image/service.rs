@@ -1,7 +1,7 @@
 //! The CRI v1 ImageService over the image manager.
 //!
 //! Each RPC is a thin method that validates its request, calls the
-//! manager, and goes through [`instrument`], the one place where errors
+//! manager, and goes through `instrument` and [`to_status`], the one place where errors
 //! become gRPC statuses (so NotFound stays NotFound at the kubelet).
 
 use std::collections::HashMap;
