@@ -54,6 +54,11 @@ impl TestRegistry {
         self.token_server.as_ref().map(|t| t.token.as_str())
     }
 
+    /// The identity (refresh) token the token server accepts by POST.
+    pub fn identity_token(&self) -> Option<&str> {
+        self.token_server.as_ref().map(|t| t.refresh.as_str())
+    }
+
     fn start_inner(auth: Auth) -> Self {
         require_program("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("temp dir for the registry");
@@ -188,10 +193,13 @@ const TOKEN_REPO: &str = "token/app";
 
 /// A minimal Docker token server: answers `GET /token` with one
 /// pre-signed JWT (RS256, x5c header, self-signed cert the registry
-/// trusts) when the basic credentials match, 401 otherwise.
+/// trusts) when the basic credentials match, and `POST /token` when the
+/// form carries `grant_type=refresh_token` with its identity token
+/// (the OAuth2 flow); 401 otherwise.
 struct TokenServer {
     port: u16,
     token: String,
+    refresh: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -260,15 +268,18 @@ impl TokenServer {
             .set_nonblocking(true)
             .expect("nonblocking token listener");
         let expected = format!("Basic {}", b64.encode(format!("{user}:{password}")));
+        let refresh = format!("refresh-{user}");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             let token = token.clone();
-            std::thread::spawn(move || serve_tokens(listener, &expected, &token, &stop))
+            let refresh = refresh.clone();
+            std::thread::spawn(move || serve_tokens(listener, &expected, &refresh, &token, &stop))
         };
         Self {
             port,
             token,
+            refresh,
             stop,
             thread: Some(thread),
         }
@@ -287,10 +298,11 @@ impl Drop for TokenServer {
 fn serve_tokens(
     listener: TcpListener,
     expected: &str,
+    refresh: &str,
     token: &str,
     stop: &std::sync::atomic::AtomicBool,
 ) {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -306,6 +318,7 @@ fn serve_tokens(
             Err(_) => continue,
         });
         let mut authorized = false;
+        let mut content_length = 0usize;
         let mut line = String::new();
         loop {
             line.clear();
@@ -317,11 +330,25 @@ fn serve_tokens(
             if trimmed.is_empty() {
                 break;
             }
-            if let Some((name, value)) = trimmed.split_once(':')
-                && name.eq_ignore_ascii_case("authorization")
-                && value.trim() == expected
-            {
-                authorized = true;
+            if let Some((name, value)) = trimmed.split_once(':') {
+                if name.eq_ignore_ascii_case("authorization") && value.trim() == expected {
+                    authorized = true;
+                }
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap_or(0).min(64 * 1024);
+                }
+            }
+        }
+        if content_length > 0 {
+            let mut body = vec![0u8; content_length];
+            if reader.read_exact(&mut body).is_ok() {
+                let body = String::from_utf8_lossy(&body);
+                let fields: Vec<&str> = body.split('&').collect();
+                if fields.contains(&"grant_type=refresh_token")
+                    && fields.contains(&format!("refresh_token={refresh}").as_str())
+                {
+                    authorized = true;
+                }
             }
         }
         let (status, body) = if authorized {

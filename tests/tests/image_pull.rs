@@ -594,4 +594,21 @@ fn token_auth_registry_uses_the_bearer_challenge_flow() {
         .block_on(m.pull(&reference, &token, &|_| {}))
         .expect("pull with a registry token");
     assert_eq!(record.id, built.config);
+
+    // An identity token (CRI identity_token) is exchanged by the OAuth2
+    // refresh-token POST; a wrong one is refused.
+    drop(m);
+    let state = tempfile::tempdir().unwrap();
+    let m = manager_for(state.path(), &registry);
+    let wrong = Credentials::IdentityToken("not-the-token".into());
+    let err = rt.block_on(m.pull(&reference, &wrong, &|_| {}));
+    assert!(
+        matches!(err, Err(ImageError::Pull(_, PullError::Unauthorized(_)))),
+        "{err:?}"
+    );
+    let identity = Credentials::IdentityToken(registry.identity_token().unwrap().to_string());
+    let record = rt
+        .block_on(m.pull(&reference, &identity, &|_| {}))
+        .expect("pull with an identity token");
+    assert_eq!(record.id, built.config);
 }

@@ -174,8 +174,8 @@ pub enum Credentials {
     },
     /// A token for the registry itself, sent as `Authorization: Bearer`.
     RegistryToken(String),
-    /// An identity (refresh) token: sent as the secret of an empty user to
-    /// the token service, as containerd's CRI does.
+    /// An identity (OAuth2 refresh) token, exchanged at the registry's
+    /// token service for an access token (`grant_type=refresh_token`).
     IdentityToken(String),
 }
 
@@ -198,9 +198,43 @@ impl Credentials {
                 RegistryAuth::Basic(username.clone(), password.clone())
             }
             Credentials::RegistryToken(token) => RegistryAuth::Bearer(token.clone()),
-            Credentials::IdentityToken(token) => RegistryAuth::Basic(String::new(), token.clone()),
+            // Exchanged for an access token before use: see `exchange_identity_token`.
+            Credentials::IdentityToken(_) => RegistryAuth::Anonymous,
         }
     }
+}
+
+/// Largest token-service answer read.
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
+/// `realm` and `service` of a `WWW-Authenticate: Bearer ...` challenge.
+fn parse_bearer_challenge(header: &str) -> Option<(String, String)> {
+    let (scheme, params) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = String::new();
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim(), &after[end..])
+        };
+        match key.as_str() {
+            "realm" => realm = Some(value.to_string()),
+            "service" => service = value.to_string(),
+            _ => {}
+        }
+        rest = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some((realm?, service))
 }
 
 /// A progress report of a pull.
@@ -341,8 +375,14 @@ impl Puller {
                 reference.registry_reference().into(),
             ),
         };
-        let auth = credentials.to_oci();
         let name = reference.to_string();
+        let auth = match credentials {
+            Credentials::IdentityToken(token) => {
+                self.exchange_identity_token(endpoint, &oci_ref, token, &name)
+                    .await?
+            }
+            other => other.to_oci(),
+        };
         let bad = |source| PullError::Manifest {
             reference: name.clone(),
             source,
@@ -430,6 +470,94 @@ impl Puller {
             config_bytes,
             layers,
         })
+    }
+
+    /// Exchanges an identity (refresh) token for an access token with the
+    /// OAuth2 flow of Docker token services: the registry's challenge names
+    /// the realm, which gets `grant_type=refresh_token` by POST.
+    async fn exchange_identity_token(
+        &self,
+        endpoint: &Endpoint,
+        oci_ref: &oci_client::Reference,
+        token: &str,
+        name: &str,
+    ) -> Result<RegistryAuth, PullError> {
+        let timeout = self.config.request_timeout();
+        let host = oci_ref.resolve_registry().to_string();
+        let failed = |e: reqwest::Error| {
+            if e.is_timeout() {
+                PullError::Timeout {
+                    endpoint: host.clone(),
+                    timeout,
+                }
+            } else {
+                PullError::Registry {
+                    endpoint: host.clone(),
+                    source: OciDistributionError::RequestError(e),
+                }
+            }
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs.max(1)))
+            .timeout(timeout)
+            .user_agent(concat!("vmpod/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(failed)?;
+        let scheme = if endpoint.plain_http { "http" } else { "https" };
+        let ping = http
+            .get(format!("{scheme}://{host}/v2/"))
+            .send()
+            .await
+            .map_err(failed)?;
+        if ping.status() != reqwest::StatusCode::UNAUTHORIZED {
+            // The registry does not ask for credentials.
+            return Ok(RegistryAuth::Anonymous);
+        }
+        let unauthorized = || PullError::Unauthorized(name.to_string());
+        let (realm, service) = ping
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_bearer_challenge)
+            .ok_or_else(unauthorized)?;
+        let scope = format!("repository:{}:pull", oci_ref.repository());
+        let response = http
+            .post(&realm)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", token),
+                ("service", service.as_str()),
+                ("scope", scope.as_str()),
+                ("client_id", "vmpod"),
+            ])
+            .send()
+            .await
+            .map_err(failed)?;
+        if !response.status().is_success() {
+            return Err(unauthorized());
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_TOKEN_RESPONSE as u64)
+        {
+            return Err(unauthorized());
+        }
+        let body = response.bytes().await.map_err(failed)?;
+        if body.len() > MAX_TOKEN_RESPONSE {
+            return Err(unauthorized());
+        }
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            access_token: Option<String>,
+            token: Option<String>,
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| unauthorized())?;
+        parsed
+            .access_token
+            .or(parsed.token)
+            .filter(|t| !t.is_empty())
+            .map(RegistryAuth::Bearer)
+            .ok_or_else(unauthorized)
     }
 
     async fn fetch_manifest(
@@ -636,6 +764,29 @@ mod tests {
             }]
         );
         assert!(toml::from_str::<RegistryConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn bearer_challenges_are_parsed() {
+        assert_eq!(
+            parse_bearer_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#
+            ),
+            Some((
+                "https://auth.example/token".into(),
+                "registry.example".into()
+            ))
+        );
+        assert_eq!(
+            parse_bearer_challenge("bearer realm=http://x/t, service=s"),
+            Some(("http://x/t".into(), "s".into()))
+        );
+        assert_eq!(parse_bearer_challenge(r#"Basic realm="x""#), None);
+        assert_eq!(parse_bearer_challenge(r#"Bearer service="s""#), None);
+        assert_eq!(
+            parse_bearer_challenge(r#"Bearer realm="unterminated"#),
+            None
+        );
     }
 
     #[test]
