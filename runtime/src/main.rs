@@ -231,7 +231,7 @@ fn image_command(
         ImageCommand::Rm { references } => {
             for reference in references {
                 // The CLI cannot know which containers run: the daemon checks.
-                match manager.remove(&reference, &|_| false)? {
+                match runtime.block_on(manager.remove(&reference, &|_| false))? {
                     Removed::NotFound => eprintln!("{reference}: not found"),
                     Removed::Untagged(tag) => println!("untagged {tag}"),
                     Removed::Deleted(r) => println!("deleted {}", r.id),

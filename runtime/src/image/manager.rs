@@ -392,12 +392,21 @@ impl ImageManager {
     /// Removes an image by any reference. A tag of an image with other
     /// references only loses that tag; an ID, a digest or the last tag
     /// deletes the image, unless `in_use` says a container uses it.
-    pub fn remove(
+    ///
+    /// Holds the image's rootfs lock, so it cannot interleave with a pull
+    /// committing the same image (which could leave a record whose rootfs
+    /// was just deleted).
+    pub async fn remove(
         &self,
         query: &str,
-        in_use: &dyn Fn(&str) -> bool,
+        in_use: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Removed, ImageError> {
-        let Some(mut record) = self.find(query) else {
+        let Some(found) = self.find(query) else {
+            return Ok(Removed::NotFound);
+        };
+        let _rootfs = self.locks.lock(format!("rootfs:{}", found.id)).await;
+        // Re-read under the lock: a pull may have changed its tags.
+        let Some(mut record) = self.store.get(&found.id) else {
             return Ok(Removed::NotFound);
         };
         let tag = ImageReference::parse(query)

@@ -233,7 +233,7 @@ impl CriImageService {
     ) -> Result<RemoveImageResponse, ImageError> {
         let query = spec_image(req.image.as_ref())?;
         let usage = self.usage.clone();
-        match self.manager.remove(query, &|id| usage.in_use(id))? {
+        match self.manager.remove(query, &|id| usage.in_use(id)).await? {
             Removed::NotFound => tracing::debug!(query, "remove: no such image"),
             Removed::Untagged(tag) => tracing::info!(tag, "untagged"),
             Removed::Deleted(r) => tracing::info!(id = r.id, "removed image"),
