@@ -411,16 +411,21 @@ fn apply_entries<R: Read>(
                     tar::EntryType::Block => nix::sys::stat::SFlag::S_IFBLK,
                     _ => nix::sys::stat::SFlag::S_IFIFO,
                 };
-                let major = entry
-                    .header()
-                    .device_major()
-                    .map_err(UnpackError::Malformed)?
-                    .unwrap_or(0);
-                let minor = entry
-                    .header()
-                    .device_minor()
-                    .map_err(UnpackError::Malformed)?
-                    .unwrap_or(0);
+                // A FIFO has no device number; tar writers often leave the
+                // fields blank for it.
+                let (major, minor) = if entry_type == tar::EntryType::Fifo {
+                    (0, 0)
+                } else {
+                    let h = entry.header();
+                    (
+                        h.device_major()
+                            .map_err(UnpackError::Malformed)?
+                            .unwrap_or(0),
+                        h.device_minor()
+                            .map_err(UnpackError::Malformed)?
+                            .unwrap_or(0),
+                    )
+                };
                 nix::sys::stat::mknod(
                     &dest,
                     kind,
@@ -784,6 +789,109 @@ mod tests {
         .err()
         .expect("bomb refused");
         assert!(matches!(err, UnpackError::TooLarge(_)), "{err}");
+    }
+
+    fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+        // "<len> <key>=<value>\n", where <len> counts itself too.
+        let rest = key.len() + value.len() + 3;
+        let mut len = rest + 1;
+        while len != rest + len.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        let mut out = format!("{len} {key}=").into_bytes();
+        out.extend_from_slice(value);
+        out.push(b'\n');
+        out
+    }
+
+    #[test]
+    fn owners_modes_devices_and_xattrs_are_applied() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (lchown, mknod): run the tests as root"
+        );
+        let mut b = tar::Builder::new(Vec::new());
+        let header = |kind, path: &str, mode, uid, gid, size| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_path(path).unwrap();
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            h.set_mtime(0);
+            h.set_size(size);
+            h
+        };
+        let pax = pax_record("SCHILY.xattr.user.vmpod", b"yes");
+        let mut h = header(
+            tar::EntryType::XHeader,
+            "PaxHeader/f",
+            0o644,
+            0,
+            0,
+            pax.len() as u64,
+        );
+        h.set_cksum();
+        b.append(&h, &pax[..]).unwrap();
+        let mut h = header(tar::EntryType::Regular, "f", 0o4755, 1000, 2000, 1);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let mut h = header(tar::EntryType::Char, "null", 0o666, 0, 0, 0);
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let mut h = header(tar::EntryType::Fifo, "pipe", 0o600, 0, 0, 0);
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let data = b.into_inner().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let limits = UnpackLimits {
+            preserve_ownership: true,
+            ..limits()
+        };
+        let mut stats = UnpackStats::default();
+        apply_layer(
+            dir.path(),
+            &data[..],
+            &limits,
+            &AtomicBool::new(false),
+            &mut stats,
+        )
+        .unwrap();
+
+        let f = fs::metadata(dir.path().join("f")).unwrap();
+        assert_eq!((f.uid(), f.gid()), (1000, 2000));
+        assert_eq!(f.mode() & 0o7777, 0o4755, "set-uid survives the chown");
+        let null = fs::metadata(dir.path().join("null")).unwrap();
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
+        assert_eq!(null.mode() & 0o777, 0o666);
+        assert!(
+            fs::metadata(dir.path().join("pipe"))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        let path = CString::new(dir.path().join("f").as_os_str().as_bytes()).unwrap();
+        let name = CString::new("user.vmpod").unwrap();
+        let mut value = [0u8; 16];
+        // SAFETY: valid C strings and a live buffer whose length is passed.
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert_eq!(
+            n, 3,
+            "user.vmpod xattr set (the scratch fs supports user xattrs)"
+        );
+        assert_eq!(&value[..3], b"yes");
     }
 
     #[test]
