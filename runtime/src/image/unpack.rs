@@ -29,6 +29,7 @@ use sha2::{Digest as _, Sha256};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+const AUFS_META_PREFIX: &str = ".wh..wh.";
 const MAX_PATH_LEN: usize = 4096;
 const MAX_XATTR_VALUE: usize = 64 * 1024;
 const COPY_BUFFER: usize = 256 * 1024;
@@ -296,6 +297,14 @@ fn apply_entries<R: Read>(
             if let Some(dir) = resolve_dir(root, parent_rel, false, &display)? {
                 clear_lower(&dir, parent_rel, &this_layer)?;
             }
+            continue;
+        }
+        // AUFS metadata (`.wh..wh.plnk/...` and the like) is not content.
+        if rel.components().any(|c| {
+            c.as_os_str()
+                .as_bytes()
+                .starts_with(AUFS_META_PREFIX.as_bytes())
+        }) {
             continue;
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
@@ -717,6 +726,8 @@ mod tests {
                 E::File("o/upper", b"4"),
                 E::File(".wh.link", b""),
                 E::Hard("a/hard", "a/keep"),
+                E::Dir(".wh..wh.plnk"),
+                E::File(".wh..wh.plnk/1.2", b"aufs"),
             ],
         )
         .unwrap();
@@ -727,6 +738,7 @@ mod tests {
         assert_eq!(fs::read(root.join("o/upper")).unwrap(), b"4");
         assert!(fs::symlink_metadata(root.join("link")).is_err());
         assert_eq!(fs::read(root.join("a/hard")).unwrap(), b"1");
+        assert!(!root.join(".wh..wh.plnk").exists(), "AUFS metadata skipped");
     }
 
     #[test]
