@@ -57,7 +57,7 @@ enum Command {
         /// The daemon's state dir.
         #[arg(long, default_value = "/var/lib/vmpod", global = true)]
         state_dir: PathBuf,
-        /// Registry endpoints and timeouts (TOML, the daemon's `[registry]` table).
+        /// Registry endpoints and timeouts (TOML: the daemon config's `[image.registry]` table).
         #[arg(long, global = true)]
         registry_config: Option<PathBuf>,
         #[command(subcommand)]

@@ -62,8 +62,10 @@ pub enum ImageError {
     Task(#[source] tokio::task::JoinError),
 }
 
-/// Settings of the image manager.
-#[derive(Clone, Debug)]
+/// Settings of the image manager; the daemon's TOML config embeds it
+/// (`[image]`, with `[image.registry]` and `[image.unpack]`).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ImageConfig {
     /// Registry endpoints, timeouts and bounds.
     pub registry: RegistryConfig,
@@ -71,8 +73,8 @@ pub struct ImageConfig {
     pub platform: Platform,
     /// Bounds on unpacking.
     pub unpack: UnpackLimits,
-    /// Bound on one `mkfs.erofs` run.
-    pub erofs_timeout: Duration,
+    /// Bound on one `mkfs.erofs` run, in seconds.
+    pub erofs_timeout_secs: u64,
 }
 
 impl Default for ImageConfig {
@@ -81,7 +83,7 @@ impl Default for ImageConfig {
             registry: RegistryConfig::default(),
             platform: Platform::default(),
             unpack: UnpackLimits::default(),
-            erofs_timeout: Duration::from_secs(600),
+            erofs_timeout_secs: 600,
         }
     }
 }
@@ -169,7 +171,7 @@ impl ImageManager {
             store: Store::open(state_dir)?,
             puller: Puller::new(config.registry, config.platform),
             unpack: config.unpack,
-            erofs_timeout: config.erofs_timeout,
+            erofs_timeout: Duration::from_secs(config.erofs_timeout_secs.max(1)),
             locks: KeyedLocks::default(),
         })
     }
@@ -477,5 +479,42 @@ impl KeyedLocks {
             }
         };
         lock.lock_owned().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_toml_with_defaults() {
+        let config: ImageConfig = toml::from_str(
+            r#"
+            erofs_timeout_secs = 30
+            [registry.hosts."docker.io"]
+            endpoints = [{ host = "mirror.local:5000", plain_http = true }]
+            [unpack]
+            max_bytes = 1048576
+            [platform]
+            architecture = "arm64"
+            variant = "v8"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.erofs_timeout_secs, 30);
+        assert_eq!(config.unpack.max_bytes, 1 << 20);
+        assert_eq!(
+            config.unpack.max_entries,
+            UnpackLimits::default().max_entries
+        );
+        assert_eq!(config.platform.os, "linux");
+        assert_eq!(config.platform.variant.as_deref(), Some("v8"));
+        assert_eq!(
+            config.registry.endpoints("docker.io")[0].host,
+            "mirror.local:5000"
+        );
+        let empty: ImageConfig = toml::from_str("").unwrap();
+        assert_eq!(empty.platform, Platform::default());
+        assert!(toml::from_str::<ImageConfig>("nonsense = true").is_err());
     }
 }

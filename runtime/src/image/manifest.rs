@@ -55,7 +55,8 @@ pub enum Document {
 }
 
 /// The platform to pick from indexes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Platform {
     /// `linux`.
     pub os: String,

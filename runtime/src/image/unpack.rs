@@ -99,7 +99,8 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Un
 }
 
 /// Bounds on what one image may unpack to.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UnpackLimits {
     /// Total bytes of file content across all layers.
     pub max_bytes: u64,
