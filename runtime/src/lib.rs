@@ -7,4 +7,5 @@
 pub mod agent_client;
 pub mod guest;
 pub mod hypervisor;
+pub mod image;
 pub mod vmm;

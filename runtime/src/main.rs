@@ -60,6 +60,42 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Pull, list, remove and import images (the store the daemon uses).
+    Image {
+        /// The daemon's state dir.
+        #[arg(long, default_value = "/var/lib/vmpod", global = true)]
+        state_dir: PathBuf,
+        /// Registry endpoints and timeouts (TOML: the daemon config's `[image.registry]` table).
+        #[arg(long, global = true)]
+        registry_config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Pull an image from its registry, showing progress.
+    Pull {
+        /// The image reference (`busybox`, `host:port/repo:tag`, `repo@sha256:...`).
+        reference: String,
+        /// Registry user (the password comes from VMPOD_REGISTRY_PASSWORD).
+        #[arg(long)]
+        username: Option<String>,
+    },
+    /// List images.
+    Ls,
+    /// Remove images by ID, tag or digest.
+    Rm {
+        /// The references.
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Import an OCI image layout directory or OCI archive.
+    Import {
+        /// The layout or archive.
+        path: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -122,6 +158,111 @@ fn main() -> anyhow::Result<()> {
                 elapsed.as_secs_f64()
             );
         }
+        Command::Image {
+            state_dir,
+            registry_config,
+            command,
+        } => image_command(&state_dir, registry_config.as_deref(), command)?,
     }
     Ok(())
+}
+
+fn image_command(
+    state_dir: &std::path::Path,
+    registry_config: Option<&std::path::Path>,
+    command: ImageCommand,
+) -> anyhow::Result<()> {
+    use vmpod::image::manager::{ImageConfig, ImageManager, Removed};
+    use vmpod::image::pull::{Credentials, PullEvent};
+
+    let mut config = ImageConfig::default();
+    if let Some(path) = registry_config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        config.registry =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    }
+    let manager = ImageManager::open(state_dir, config)
+        .with_context(|| format!("opening the image store in {}", state_dir.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match command {
+        ImageCommand::Pull {
+            reference,
+            username,
+        } => {
+            let credentials = match username {
+                Some(username) => Credentials::Basic {
+                    username,
+                    password: std::env::var("VMPOD_REGISTRY_PASSWORD").unwrap_or_default(),
+                },
+                None => Credentials::Anonymous,
+            };
+            let start = std::time::Instant::now();
+            // Last tenth reported per layer: one line per 10%, not per MiB.
+            let reported = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+            let progress = |event: PullEvent| match event {
+                PullEvent::Resolved {
+                    endpoint,
+                    layers,
+                    bytes,
+                } => eprintln!("resolved on {endpoint}: {layers} layers, {bytes} bytes"),
+                PullEvent::LayerCached { digest } => {
+                    eprintln!("{}: already present", short(&digest))
+                }
+                PullEvent::LayerProgress {
+                    digest,
+                    done,
+                    total,
+                } => {
+                    let tenth = done.saturating_mul(10) / total.max(1);
+                    let mut reported = reported.lock().unwrap_or_else(|e| e.into_inner());
+                    let last = reported.entry(digest.clone()).or_insert(0);
+                    if tenth > *last {
+                        *last = tenth;
+                        eprintln!("{}: {:>3}% of {total} bytes", short(&digest), tenth * 10);
+                    }
+                }
+                PullEvent::LayerDone { digest } => eprintln!("{}: done", short(&digest)),
+                PullEvent::Unpacking => eprintln!("unpacking and building the erofs rootfs"),
+            };
+            let record = runtime.block_on(manager.pull(&reference, &credentials, &progress))?;
+            println!("{}", record.id);
+            eprintln!(
+                "pulled {reference} in {:.2} s",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        ImageCommand::Ls => {
+            println!("{:<14} {:>12} REFERENCES", "IMAGE ID", "SIZE");
+            for r in manager.list() {
+                let refs = if r.repo_tags.is_empty() {
+                    r.repo_digests.join(" ")
+                } else {
+                    r.repo_tags.join(" ")
+                };
+                println!("{:<14} {:>12} {refs}", &r.id_hex()[..12], r.size);
+            }
+        }
+        ImageCommand::Rm { references } => {
+            for reference in references {
+                // The CLI cannot know which containers run: the daemon checks.
+                match runtime.block_on(manager.remove(&reference, &|_| false))? {
+                    Removed::NotFound => eprintln!("{reference}: not found"),
+                    Removed::Untagged(tag) => println!("untagged {tag}"),
+                    Removed::Deleted(r) => println!("deleted {}", r.id),
+                }
+            }
+        }
+        ImageCommand::Import { path } => {
+            for r in runtime.block_on(manager.import(&path))? {
+                println!("{} {}", r.id, r.repo_tags.join(" "));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    hex.get(..12).unwrap_or(hex)
 }

@@ -237,3 +237,6 @@ pub mod vmm {
         }
     }
 }
+
+pub mod oci_layout;
+pub mod registry;
