@@ -170,11 +170,26 @@ pub mod vmm {
         }
     }
 
-    /// Runs the VM on a thread; the receiver yields its end.
+    /// Runs the VM (legacy devices only) on a thread; the receiver yields its end.
     pub fn start(cfg: VmmConfig) -> mpsc::Receiver<Result<VmExitReason, String>> {
+        spawn(cfg, false)
+    }
+
+    /// Runs the VM with the virtio devices its config asks for (what
+    /// `vmpod vmm` runs) on a thread; the receiver yields its end.
+    pub fn start_with_devices(cfg: VmmConfig) -> mpsc::Receiver<Result<VmExitReason, String>> {
+        spawn(cfg, true)
+    }
+
+    fn spawn(cfg: VmmConfig, devices: bool) -> mpsc::Receiver<Result<VmExitReason, String>> {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let r = vmpod::vmm::run(&cfg, Instant::now(), None).map_err(|e| {
+            let r = if devices {
+                vmpod::vmm::run_with_devices(&cfg, Instant::now())
+            } else {
+                vmpod::vmm::run(&cfg, Instant::now(), None)
+            };
+            let r = r.map_err(|e| {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
