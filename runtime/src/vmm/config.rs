@@ -83,9 +83,14 @@ pub struct VmmConfig {
     /// The control socket (JSON lines); none when absent.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
-    /// Confine the vCPU and event-loop threads with seccomp once the VM is built.
-    #[serde(default)]
+    /// Confine the vCPU and event-loop threads with seccomp once the VM is
+    /// built (default on).
+    #[serde(default = "default_seccomp")]
     pub seccomp: bool,
+}
+
+fn default_seccomp() -> bool {
+    true
 }
 
 fn default_cmdline() -> String {
@@ -264,6 +269,7 @@ mod tests {
         assert!(cfg.vsock.is_none() && cfg.net.is_none() && cfg.block.is_empty());
         assert!(cfg.initramfs.is_none() && cfg.serial.is_none());
         assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert!(cfg.seccomp, "seccomp is on unless turned off");
         assert!(cfg.cmdline.split(' ').any(|w| w == "reboot=k"));
     }
 
