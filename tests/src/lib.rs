@@ -282,6 +282,40 @@ pub mod device_scenario {
 
     const WAIT: Duration = Duration::from_secs(60);
 
+    /// Listens on `<uds>_<port>` for the guest's connection: reads one line,
+    /// answers `pong from the host`, returns the line (bounded waits).
+    fn host_listener(uds: &Path, port: u32) -> std::thread::JoinHandle<Vec<u8>> {
+        let path = format!("{}_{port}", uds.display());
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + WAIT;
+            let mut stream = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the guest never connected to {path}"
+                        );
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("accept on {path}: {e}"),
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut line = Vec::new();
+            BufReader::new(stream.try_clone().unwrap())
+                .read_until(b'\n', &mut line)
+                .expect("reading the guest's line");
+            stream.write_all(b"pong from the host\n").unwrap();
+            line
+        })
+    }
+
     /// Connects through the hybrid vsock socket, echoes one message through
     /// the guest, returns what came back.
     fn vsock_echo(uds: &Path, port: u32, message: &[u8]) -> (String, Vec<u8>) {
@@ -342,6 +376,8 @@ pub mod device_scenario {
                 read_only: false,
             },
         ];
+        // The guest connects out to host port 6000: the VMM connects to `<uds>_6000`.
+        let host_listener = host_listener(&uds, 6000);
         let serial = dir.path().join("serial.log");
         let rx = start_with_devices(cfg);
 
@@ -402,6 +438,18 @@ pub mod device_scenario {
             assert!(out.contains(line.as_str()), "missing {line:?} in:\n{out}");
         }
         assert!(out.contains("vsock: accepted from host port "), "{out}");
+        assert!(
+            out.contains("vsock: connected to host port 0x1770\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("vsock: host replied pong from the host\n"),
+            "{out}"
+        );
+        let from_guest = host_listener
+            .join()
+            .expect("the host listener thread panicked");
+        assert_eq!(from_guest, b"PING FROM THE GUEST\n");
 
         // The guest's write reached slot 1's file at sector 1, and nothing else changed.
         let d1 = std::fs::read(&disk1).unwrap();

@@ -358,6 +358,77 @@ static void vsock_send(struct vdev *d, const volatile struct vsock_hdr *to, u16 
     vq_wait(q, &id, &used);
 }
 
+#define VSOCK_HOST_PORT 6000
+#define VSOCK_LOCAL_PORT 7000
+
+/* Waits for the next packet to our local port (others are returned to the
+ * queue); returns its rx buffer index, or -1 on timeout. The caller reposts it. */
+static int vsock_next(struct vdev *d) {
+    for (;;) {
+        u32 id, len;
+        if (!vq_wait(&d->q[0], &id, &len)) return -1;
+        if (id < VQ_SIZE && len >= VSOCK_HDR &&
+            ((volatile struct vsock_hdr *)vsock_rx[id])->dst_port == VSOCK_LOCAL_PORT)
+            return (int)id;
+        vq_push(&d->q[0], (u16)id);
+        vq_notify(&d->q[0]);
+    }
+}
+
+static void vsock_repost(struct vdev *d, int id) {
+    vq_push(&d->q[0], (u16)id);
+    vq_notify(&d->q[0]);
+}
+
+/* Connects out to the host's port VSOCK_HOST_PORT (the VMM connects to
+ * `<uds>_6000`), sends a line, prints the host's reply, resets. */
+static void vsock_connect_out(struct vdev *d, u64 cid) {
+    static const u8 ping[] = "ping from the guest\n";
+    struct vsock_hdr peer = {0};
+    peer.src_cid = 2;
+    peer.dst_cid = cid;
+    peer.src_port = VSOCK_HOST_PORT;
+    peer.dst_port = VSOCK_LOCAL_PORT;
+    vsock_send(d, &peer, VSOCK_OP_REQUEST, 0, 0, 0);
+    int id = vsock_next(d);
+    if (id < 0 || ((volatile struct vsock_hdr *)vsock_rx[id])->op != VSOCK_OP_RESPONSE) {
+        puts("vsock: connect to host port failed\n");
+        if (id >= 0) vsock_repost(d, id);
+        return;
+    }
+    vsock_repost(d, id);
+    puts("vsock: connected to host port ");
+    puthex(VSOCK_HOST_PORT);
+    putc('\n');
+    vsock_send(d, &peer, VSOCK_OP_RW, 0, ping, sizeof(ping) - 1);
+    for (;;) {
+        id = vsock_next(d);
+        if (id < 0) {
+            puts("vsock: no reply from the host\n");
+            return;
+        }
+        volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)vsock_rx[id];
+        if (h->op == VSOCK_OP_RW) {
+            u32 n = h->len;
+            puts("vsock: host replied ");
+            for (u32 i = 0; i < n && i < 64; i++) {
+                u8 c = vsock_rx[id][VSOCK_HDR + i];
+                if (c >= 0x20 && c < 0x7f) putc(c);
+            }
+            putc('\n');
+            vsock_repost(d, id);
+            break;
+        }
+        u16 op = h->op;
+        vsock_repost(d, id);
+        if (op == VSOCK_OP_RST) {
+            puts("vsock: host reset the connection\n");
+            return;
+        }
+    }
+    vsock_send(d, &peer, VSOCK_OP_RST, 0, 0, 0);
+}
+
 /* Listens on VSOCK_PORT: answers the host's connection request, echoes
  * every byte uppercased, ends when the host shuts the stream down. */
 static void drive_vsock(struct vdev *d) {
@@ -419,6 +490,7 @@ static void drive_vsock(struct vdev *d) {
     puts("vsock: echoed ");
     puthex(echoed);
     puts(" bytes\n");
+    vsock_connect_out(d, vdev_config64(d, 0));
 }
 
 /* `guest.virtio`: drive every device the VMM declared through real
