@@ -296,10 +296,35 @@ static void blk_read_all(struct vdev *d, u32 slot) {
  * Slot 1 (read-write): write sector 1 and flush.
  * Slot 2 (empty at boot): wait for the host to attach a disk (a
  * config-change interrupt), then read it like slot 0. */
+static volatile u8 bench_buf[65536] __attribute__((aligned(4096)));
+
+/* `guest.blkbench`: reads the whole of slot 0 in 64 KiB requests, one in
+ * flight at a time; the host times the two lines (docs/benchmarks.md). */
+static void blk_bench(struct vdev *d) {
+    u64 sectors = vdev_config64(d, 0);
+    u64 bytes = 0, requests = 0, failed = 0;
+    puts("blkbench: start\n");
+    for (u64 s = 0; s + 128 <= sectors; s += 128) {
+        if (blk_request(d, BLK_T_IN, s, bench_buf, sizeof(bench_buf)) != 0) failed++;
+        bytes += sizeof(bench_buf);
+        requests++;
+    }
+    puts("blkbench: read ");
+    puthex(bytes);
+    puts(" bytes in ");
+    puthex(requests);
+    puts(" requests, failed ");
+    puthex(failed);
+    putc('\n');
+}
+
+static int blkbench_mode;
+
 static void drive_blk(struct vdev *d, u32 slot) {
     int err = vdev_init(d, 1);
     if (!err) err = vdev_ready(d);
     if (err) return report_init("blk", err);
+    if (slot == 0 && blkbench_mode) blk_bench(d);
     if (slot == 0) {
         blk_read_all(d, slot);
         u8 st = blk_request(d, BLK_T_OUT, 0, blk_buf, 512);
@@ -548,6 +573,7 @@ void guest_main(const u8 *boot_params) {
     probe_virtio_mmio(boot_params);
     if (cmdline_has(boot_params, "guest.hostile")) hostile_accesses();
     if (cmdline_has(boot_params, "guest.irq")) wait_for_irq(boot_params);
+    blkbench_mode = cmdline_has(boot_params, "guest.blkbench");
     if (cmdline_has(boot_params, "guest.virtio")) drive_virtio(boot_params);
     if (cmdline_has(boot_params, "guest.idle")) {
         /* Interrupts off, halted: an idle VM that ignores shutdown requests. */
