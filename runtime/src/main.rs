@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Vmm { config } => {
             let cfg = vmpod::vmm::config::VmmConfig::from_file(&config)?;
-            let reason = vmpod::vmm::run(&cfg, started, None).context("running the VM")?;
+            let reason = vmpod::vmm::run_with_devices(&cfg, started).context("running the VM")?;
             eprintln!("vmpod vmm: {reason}");
             std::process::exit(reason.exit_code());
         }

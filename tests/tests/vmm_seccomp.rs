@@ -40,3 +40,11 @@ fn vm_runs_and_is_controlled_under_seccomp() {
     assert_eq!(wait_end(&rx, &serial), VmExitReason::Reset);
     assert!(read(&serial).contains("got: ctrl-alt-del"));
 }
+
+/// The device path under the filters: block reads/writes/flush and a
+/// run-time attach, vsock accept and echo, rng — the syscalls the device
+/// backends make in the event loop are all in `EVENT_LOOP_SYSCALLS`.
+#[test]
+fn devices_run_under_seccomp() {
+    vmpod_tests::device_scenario::run(true);
+}

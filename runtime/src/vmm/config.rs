@@ -28,6 +28,11 @@ pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 pub const MAX_CMDLINE_LEN: usize = 2048;
 /// The most block slots a VM may have (each takes a virtio-mmio window and a GSI).
 pub const MAX_BLOCK_SLOTS: usize = 16;
+/// The command line when the configuration gives none: the console on our
+/// 16550, and `reboot=k` because the VMM's only reset path is the i8042
+/// (no ACPI, no triple-fault reset), `panic=-1` so a panicking guest ends
+/// the VM instead of hanging.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// The largest configuration file read, in bytes.
 const MAX_CONFIG_FILE: u64 = 1 << 20;
 
@@ -62,7 +67,8 @@ pub struct VmmConfig {
     #[serde(default)]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line; the VMM appends its device declarations.
-    #[serde(default)]
+    /// Defaults to [`DEFAULT_CMDLINE`].
+    #[serde(default = "default_cmdline")]
     pub cmdline: String,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
@@ -77,9 +83,18 @@ pub struct VmmConfig {
     /// The control socket (JSON lines); none when absent.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
-    /// Confine the vCPU and event-loop threads with seccomp once the VM is built.
-    #[serde(default)]
+    /// Confine the vCPU and event-loop threads with seccomp once the VM is
+    /// built (default on).
+    #[serde(default = "default_seccomp")]
     pub seccomp: bool,
+}
+
+fn default_seccomp() -> bool {
+    true
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
 }
 
 /// The hybrid vsock device.
@@ -253,6 +268,9 @@ mod tests {
         let cfg = VmmConfig::from_json(r#"{"vcpus":1,"memory_mib":64,"kernel":"k"}"#).unwrap();
         assert!(cfg.vsock.is_none() && cfg.net.is_none() && cfg.block.is_empty());
         assert!(cfg.initramfs.is_none() && cfg.serial.is_none());
+        assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert!(cfg.seccomp, "seccomp is on unless turned off");
+        assert!(cfg.cmdline.split(' ').any(|w| w == "reboot=k"));
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum MachineError {
     Mptable(#[from] mptable::MptableError),
     #[error("setting up devices")]
     Devices(#[from] super::device_manager::DeviceManagerError),
+    #[error("building the virtio devices")]
+    VirtioDevices(#[from] super::devices::builder::BuilderError),
     #[error("opening the serial output {path}")]
     SerialOut {
         path: String,

@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod seccomp;
 pub mod vcpu;
 
+pub use devices::builder::run_with_devices;
 pub use machine::run;
 pub use vcpu::VmExitReason;

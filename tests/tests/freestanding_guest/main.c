@@ -2,6 +2,7 @@
  * then an i8042 reset. See README.md. */
 #include "io.h"
 #include "bootparams.h"
+#include "virtio.h"
 
 static void report_cmdline(const u8 *bp) {
     const char *cmdline = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
@@ -137,11 +138,18 @@ static void hostile_accesses(void) {
 #define IOAPIC 0xfec00000UL
 
 extern void irq_entry(void);
+extern void timer_entry(void);
 static u64 idt[512] __attribute__((aligned(16)));
-static volatile u32 irq_count;
+volatile u32 irq_count;
+volatile u32 tick_count;
 
 void irq_handler(void) {
     irq_count++;
+    mmio_write32(LAPIC + LAPIC_EOI, 0);
+}
+
+void timer_handler(void) {
+    tick_count++;
     mmio_write32(LAPIC + LAPIC_EOI, 0);
 }
 
@@ -182,6 +190,362 @@ static void wait_for_irq(const u8 *bp) {
     putc('\n');
 }
 
+#define TIMER_VECTOR 0x31
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3e0
+
+/* Routes another GSI to IRQ_VECTOR (setup_interrupts must have run). */
+static void route_gsi(u32 gsi) {
+    ioapic_write(0x11 + 2 * gsi, 0);
+    ioapic_write(0x10 + 2 * gsi, IRQ_VECTOR);
+}
+
+/* A periodic LAPIC timer (~1 ms at KVM's 1 GHz APIC bus): it bounds every
+ * wait, so a device that never answers fails a step instead of hanging. */
+static void start_timer(void) {
+    set_gate(TIMER_VECTOR, timer_entry);
+    mmio_write32(LAPIC + LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+    mmio_write32(LAPIC + LAPIC_LVT_TIMER, (1 << 17) | TIMER_VECTOR);
+    mmio_write32(LAPIC + LAPIC_TIMER_INIT, 1000000);
+}
+
+/* Every `virtio_mmio.device=` on the command line, in order. */
+static u32 all_virtio_mmio(const u8 *bp, struct vdev *devs, u32 max) {
+    static const char key[] = "virtio_mmio.device=4K@0x";
+    const char *c = (const char *)(u64)bp_u32(bp, BP_CMD_LINE_PTR);
+    u32 size = bp_u32(bp, BP_CMDLINE_SIZE), n = 0;
+    for (u32 i = 0; i < size && i < 2048 && c[i] && n < max; i++) {
+        u32 j = 0;
+        while (key[j] && i + j < size && c[i + j] == key[j]) j++;
+        if (key[j]) continue;
+        u64 base = 0;
+        u32 k = i + j;
+        for (; k < size && k < i + j + 16; k++) {
+            char h = c[k];
+            u64 d;
+            if (h >= '0' && h <= '9') d = h - '0';
+            else if (h >= 'a' && h <= 'f') d = h - 'a' + 10;
+            else break;
+            base = base << 4 | d;
+        }
+        u32 gsi = 0;
+        if (k < size && c[k] == ':')
+            for (k++; k < size && k < i + j + 24 && c[k] >= '0' && c[k] <= '9'; k++)
+                gsi = gsi * 10 + (u32)(c[k] - '0');
+        devs[n].base = base;
+        devs[n].gsi = gsi;
+        devs[n].id = mmio_read32(base + VMMIO_DEVICE_ID);
+        n++;
+    }
+    return n;
+}
+
+static void report_init(const char *name, int err) {
+    puts(name);
+    puts(": init failed at step ");
+    puthex((u64)err);
+    putc('\n');
+}
+
+static volatile u8 rng_buf[32];
+
+static void drive_rng(struct vdev *d) {
+    int err = vdev_init(d, 1);
+    if (!err) err = vdev_ready(d);
+    if (err) return report_init("rng", err);
+    vq_set_desc(&d->q[0], 0, rng_buf, sizeof(rng_buf), DESC_F_WRITE, 0);
+    vq_push(&d->q[0], 0);
+    vq_notify(&d->q[0]);
+    u32 id, len = 0;
+    u32 nonzero = 0;
+    if (vq_wait(&d->q[0], &id, &len))
+        for (u32 i = 0; i < sizeof(rng_buf); i++) nonzero += rng_buf[i] != 0;
+    puts("rng: read ");
+    puthex(len);
+    puts(" bytes, nonzero ");
+    puts(nonzero > 8 ? "yes" : "no");
+    putc('\n');
+}
+
+static volatile u8 blk_buf[8192] __attribute__((aligned(512)));
+static const char blk_message[] = "written by the vmpod freestanding guest";
+
+static void blk_report(u32 slot, const char *what) {
+    puts("blk");
+    puthex(slot);
+    puts(": ");
+    puts(what);
+}
+
+/* Reads the whole (small) disk and reports its capacity and checksum. */
+static void blk_read_all(struct vdev *d, u32 slot) {
+    u64 sectors = vdev_config64(d, 0);
+    u32 bytes = sectors * 512 > sizeof(blk_buf) ? sizeof(blk_buf) : (u32)sectors * 512;
+    u8 st = blk_request(d, BLK_T_IN, 0, blk_buf, bytes);
+    blk_report(slot, "capacity ");
+    puthex(sectors);
+    puts(" read status ");
+    puthex(st);
+    puts(" sum ");
+    puthex(fnv1a(blk_buf, bytes));
+    putc('\n');
+}
+
+/* Slot 0 (read-only): read and checksum, then a write that must fail.
+ * Slot 1 (read-write): write sector 1 and flush.
+ * Slot 2 (empty at boot): wait for the host to attach a disk (a
+ * config-change interrupt), then read it like slot 0. */
+static volatile u8 bench_buf[65536] __attribute__((aligned(4096)));
+
+/* `guest.blkbench`: reads the whole of slot 0 in 64 KiB requests, one in
+ * flight at a time; the host times the two lines (docs/benchmarks.md). */
+static void blk_bench(struct vdev *d) {
+    u64 sectors = vdev_config64(d, 0);
+    u64 bytes = 0, requests = 0, failed = 0;
+    puts("blkbench: start\n");
+    for (u64 s = 0; s + 128 <= sectors; s += 128) {
+        if (blk_request(d, BLK_T_IN, s, bench_buf, sizeof(bench_buf)) != 0) failed++;
+        bytes += sizeof(bench_buf);
+        requests++;
+    }
+    puts("blkbench: read ");
+    puthex(bytes);
+    puts(" bytes in ");
+    puthex(requests);
+    puts(" requests, failed ");
+    puthex(failed);
+    putc('\n');
+}
+
+static int blkbench_mode;
+
+static void drive_blk(struct vdev *d, u32 slot) {
+    int err = vdev_init(d, 1);
+    if (!err) err = vdev_ready(d);
+    if (err) return report_init("blk", err);
+    if (slot == 0 && blkbench_mode) blk_bench(d);
+    if (slot == 0) {
+        blk_read_all(d, slot);
+        u8 st = blk_request(d, BLK_T_OUT, 0, blk_buf, 512);
+        blk_report(slot, "write status ");
+        puthex(st);
+        putc('\n');
+    } else if (slot == 1) {
+        for (u32 i = 0; i < 512; i++) blk_buf[i] = i < sizeof(blk_message) ? blk_message[i] : 0;
+        u8 st = blk_request(d, BLK_T_OUT, 1, blk_buf, 512);
+        u8 fl = blk_request(d, BLK_T_FLUSH, 0, 0, 0);
+        blk_report(slot, "write status ");
+        puthex(st);
+        puts(" flush status ");
+        puthex(fl);
+        putc('\n');
+    } else if (slot == 2) {
+        vdev_ack(d);
+        blk_report(slot, "capacity ");
+        puthex(vdev_config64(d, 0));
+        puts(", waiting for a disk\n");
+        u32 deadline = tick_count + WAIT_TICKS;
+        u32 status = 0;
+        while (!((status |= vdev_ack(d)) & 2) && idle_wait(deadline)) {}
+        blk_report(slot, (status & 2) ? "config changed\n" : "no config change\n");
+        if (status & 2) blk_read_all(d, slot);
+    }
+}
+
+static volatile u8 vsock_rx[VQ_SIZE][VSOCK_BUF] __attribute__((aligned(16)));
+static volatile u8 vsock_tx[VSOCK_BUF] __attribute__((aligned(16)));
+static volatile u8 vsock_ev[8];
+#define VSOCK_PORT 5000
+
+static void vsock_send(struct vdev *d, const volatile struct vsock_hdr *to, u16 op, u32 fwd,
+                       const volatile u8 *data, u32 len) {
+    volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)vsock_tx;
+    h->src_cid = to->dst_cid;
+    h->dst_cid = to->src_cid;
+    h->src_port = to->dst_port;
+    h->dst_port = to->src_port;
+    h->len = len;
+    h->type = 1; /* stream */
+    h->op = op;
+    h->flags = 0;
+    h->buf_alloc = 65536;
+    h->fwd_cnt = fwd;
+    for (u32 i = 0; i < len; i++) {
+        u8 c = data[i];
+        vsock_tx[VSOCK_HDR + i] = (c >= 'a' && c <= 'z') ? c - 32 : c;
+    }
+    struct vq *q = &d->q[1];
+    vq_set_desc(q, 0, vsock_tx, VSOCK_HDR + len, 0, 0);
+    vq_push(q, 0);
+    vq_notify(q);
+    u32 id, used;
+    vq_wait(q, &id, &used);
+}
+
+#define VSOCK_HOST_PORT 6000
+#define VSOCK_LOCAL_PORT 7000
+
+/* Waits for the next packet to our local port (others are returned to the
+ * queue); returns its rx buffer index, or -1 on timeout. The caller reposts it. */
+static int vsock_next(struct vdev *d) {
+    for (;;) {
+        u32 id, len;
+        if (!vq_wait(&d->q[0], &id, &len)) return -1;
+        if (id < VQ_SIZE && len >= VSOCK_HDR &&
+            ((volatile struct vsock_hdr *)vsock_rx[id])->dst_port == VSOCK_LOCAL_PORT)
+            return (int)id;
+        vq_push(&d->q[0], (u16)id);
+        vq_notify(&d->q[0]);
+    }
+}
+
+static void vsock_repost(struct vdev *d, int id) {
+    vq_push(&d->q[0], (u16)id);
+    vq_notify(&d->q[0]);
+}
+
+/* Connects out to the host's port VSOCK_HOST_PORT (the VMM connects to
+ * `<uds>_6000`), sends a line, prints the host's reply, resets. */
+static void vsock_connect_out(struct vdev *d, u64 cid) {
+    static const u8 ping[] = "ping from the guest\n";
+    struct vsock_hdr peer = {0};
+    peer.src_cid = 2;
+    peer.dst_cid = cid;
+    peer.src_port = VSOCK_HOST_PORT;
+    peer.dst_port = VSOCK_LOCAL_PORT;
+    vsock_send(d, &peer, VSOCK_OP_REQUEST, 0, 0, 0);
+    int id = vsock_next(d);
+    if (id < 0 || ((volatile struct vsock_hdr *)vsock_rx[id])->op != VSOCK_OP_RESPONSE) {
+        puts("vsock: connect to host port failed\n");
+        if (id >= 0) vsock_repost(d, id);
+        return;
+    }
+    vsock_repost(d, id);
+    puts("vsock: connected to host port ");
+    puthex(VSOCK_HOST_PORT);
+    putc('\n');
+    vsock_send(d, &peer, VSOCK_OP_RW, 0, ping, sizeof(ping) - 1);
+    for (;;) {
+        id = vsock_next(d);
+        if (id < 0) {
+            puts("vsock: no reply from the host\n");
+            return;
+        }
+        volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)vsock_rx[id];
+        if (h->op == VSOCK_OP_RW) {
+            u32 n = h->len;
+            puts("vsock: host replied ");
+            for (u32 i = 0; i < n && i < 64; i++) {
+                u8 c = vsock_rx[id][VSOCK_HDR + i];
+                if (c >= 0x20 && c < 0x7f) putc(c);
+            }
+            putc('\n');
+            vsock_repost(d, id);
+            break;
+        }
+        u16 op = h->op;
+        vsock_repost(d, id);
+        if (op == VSOCK_OP_RST) {
+            puts("vsock: host reset the connection\n");
+            return;
+        }
+    }
+    vsock_send(d, &peer, VSOCK_OP_RST, 0, 0, 0);
+}
+
+/* Listens on VSOCK_PORT: answers the host's connection request, echoes
+ * every byte uppercased, ends when the host shuts the stream down. */
+static void drive_vsock(struct vdev *d) {
+    int err = vdev_init(d, 3);
+    if (err) return report_init("vsock", err);
+    for (u16 i = 0; i < VQ_SIZE; i++) {
+        vq_set_desc(&d->q[0], i, vsock_rx[i], VSOCK_BUF, DESC_F_WRITE, 0);
+        vq_push(&d->q[0], i);
+    }
+    vq_set_desc(&d->q[2], 0, vsock_ev, sizeof(vsock_ev), DESC_F_WRITE, 0);
+    vq_push(&d->q[2], 0);
+    err = vdev_ready(d);
+    if (err) return report_init("vsock", err);
+    vq_notify(&d->q[0]);
+    puts("vsock: cid ");
+    puthex(vdev_config64(d, 0));
+    puts(" listening on port ");
+    puthex(VSOCK_PORT);
+    putc('\n');
+    u32 fwd = 0, echoed = 0, connected = 0;
+    for (;;) {
+        u32 id, len;
+        if (!vq_wait(&d->q[0], &id, &len)) {
+            puts("vsock: timed out\n");
+            break;
+        }
+        if (id >= VQ_SIZE || len < VSOCK_HDR) continue;
+        const volatile struct vsock_hdr *h = (const volatile struct vsock_hdr *)vsock_rx[id];
+        u16 op = h->op;
+        int done = 0;
+        if (op == VSOCK_OP_REQUEST) {
+            if (h->dst_port == VSOCK_PORT) {
+                connected++;
+                vsock_send(d, h, VSOCK_OP_RESPONSE, 0, 0, 0);
+                puts("vsock: accepted from host port ");
+                puthex(h->src_port);
+                putc('\n');
+            } else {
+                vsock_send(d, h, VSOCK_OP_RST, 0, 0, 0);
+            }
+        } else if (op == VSOCK_OP_RW) {
+            u32 n = h->len;
+            if (n > len - VSOCK_HDR) n = len - VSOCK_HDR;
+            fwd += n;
+            echoed += n;
+            vsock_send(d, h, VSOCK_OP_RW, fwd, vsock_rx[id] + VSOCK_HDR, n);
+        } else if (op == VSOCK_OP_CREDIT_REQUEST) {
+            vsock_send(d, h, VSOCK_OP_CREDIT_UPDATE, fwd, 0, 0);
+        } else if (op == VSOCK_OP_SHUTDOWN) {
+            vsock_send(d, h, VSOCK_OP_RST, fwd, 0, 0);
+            done = 1;
+        } else if (op == VSOCK_OP_RST) {
+            done = 1;
+        }
+        vq_push(&d->q[0], (u16)id);
+        vq_notify(&d->q[0]);
+        if (done && connected) break;
+    }
+    puts("vsock: echoed ");
+    puthex(echoed);
+    puts(" bytes\n");
+    vsock_connect_out(d, vdev_config64(d, 0));
+}
+
+/* `guest.virtio`: drive every device the VMM declared through real
+ * virtqueues, with interrupts routed through the IOAPIC. */
+static void drive_virtio(const u8 *bp) {
+    struct vdev devs[16];
+    map_mmio_gap();
+    u32 n = all_virtio_mmio(bp, devs, 16);
+    if (!n) {
+        puts("virtio: no devices\n");
+        return;
+    }
+    setup_interrupts(devs[0].gsi);
+    for (u32 i = 1; i < n; i++) route_gsi(devs[i].gsi);
+    start_timer();
+    u32 slot = 0;
+    for (u32 i = 0; i < n; i++) {
+        if (devs[i].id == VIRTIO_ID_RNG) drive_rng(&devs[i]);
+        else if (devs[i].id == VIRTIO_ID_BLOCK) drive_blk(&devs[i], slot++);
+    }
+    for (u32 i = 0; i < n; i++)
+        if (devs[i].id == VIRTIO_ID_VSOCK) drive_vsock(&devs[i]);
+    /* Quiesce: no more interrupts while the guest resets. */
+    mmio_write32(LAPIC + LAPIC_LVT_TIMER, 1 << 16);
+    for (u32 i = 0; i < n; i++) mmio_write32(devs[i].base + VMMIO_STATUS, 0);
+    puts("virtio: device interrupts ");
+    puts(irq_count ? "seen" : "none");
+    putc('\n');
+}
+
 /* Waits for Ctrl-Alt-Del from the i8042 (polled: the guest has no IDT),
  * then resets: the VMM's graceful shutdown path. */
 static void wait_for_ctrl_alt_del(void) {
@@ -209,6 +573,8 @@ void guest_main(const u8 *boot_params) {
     probe_virtio_mmio(boot_params);
     if (cmdline_has(boot_params, "guest.hostile")) hostile_accesses();
     if (cmdline_has(boot_params, "guest.irq")) wait_for_irq(boot_params);
+    blkbench_mode = cmdline_has(boot_params, "guest.blkbench");
+    if (cmdline_has(boot_params, "guest.virtio")) drive_virtio(boot_params);
     if (cmdline_has(boot_params, "guest.idle")) {
         /* Interrupts off, halted: an idle VM that ignores shutdown requests. */
         puts("idle: halting\n");

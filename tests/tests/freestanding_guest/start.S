@@ -14,10 +14,12 @@ _start:
     hlt
     jmp 1b
 
-/* Interrupt entry for every vector the guest uses: saves the registers C
- * code may clobber, calls irq_handler, returns with iretq. */
-    .globl irq_entry
-irq_entry:
+/* Interrupt entries: save the registers C code may clobber, call the C
+ * handler, return with iretq. irq_entry serves the virtio devices,
+ * timer_entry the LAPIC timer. */
+.macro IRQ_STUB name, handler
+    .globl \name
+\name:
     pushq %rax
     pushq %rcx
     pushq %rdx
@@ -28,7 +30,7 @@ irq_entry:
     pushq %r10
     pushq %r11
     cld
-    call irq_handler
+    call \handler
     popq %r11
     popq %r10
     popq %r9
@@ -39,6 +41,9 @@ irq_entry:
     popq %rcx
     popq %rax
     iretq
+.endm
+    IRQ_STUB irq_entry, irq_handler
+    IRQ_STUB timer_entry, timer_handler
 
     .section .bss
     .balign 16
