@@ -52,7 +52,21 @@ enum Command {
         #[arg(long)]
         console: bool,
     },
+    /// Serve the CRI v1 RuntimeService on a unix socket (the kubelet's
+    /// --container-runtime-endpoint). Pods keep running when it stops.
+    Serve {
+        /// The CRI socket (created with mode 0660).
+        #[arg(long, default_value = "/run/vmpod/vmpod.sock")]
+        socket: PathBuf,
+        /// The TOML configuration (see docs/config.md); a missing file at
+        /// the default path means all defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
+
+/// Where `vmpod serve` reads its configuration unless told otherwise.
+const DEFAULT_CONFIG: &str = "/etc/vmpod/config.toml";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum AccelArg {
@@ -69,6 +83,19 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve { socket, config } => {
+            let cfg = match &config {
+                Some(path) => vmpod::cri::config::Config::load(path, true),
+                None => vmpod::cri::config::Config::load(std::path::Path::new(DEFAULT_CONFIG), false),
+            }
+            .context("loading the configuration")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(vmpod::cri::serve::serve(cfg, &socket))
+                .context("serving the CRI")?;
+        }
         Command::Initramfs { agent, out } => {
             let size = initramfs::build_to_file(&agent, &out)?;
             println!(
