@@ -86,7 +86,9 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { socket, config } => {
             let cfg = match &config {
                 Some(path) => vmpod::cri::config::Config::load(path, true),
-                None => vmpod::cri::config::Config::load(std::path::Path::new(DEFAULT_CONFIG), false),
+                None => {
+                    vmpod::cri::config::Config::load(std::path::Path::new(DEFAULT_CONFIG), false)
+                }
             }
             .context("loading the configuration")?;
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -72,4 +72,5 @@ pub fn sha256_digest(data: &[u8]) -> String {
     s
 }
 
+pub mod cri;
 pub mod sandbox;

@@ -235,7 +235,9 @@ impl Config {
         } else {
             name
         };
-        self.handlers.get_key_value(name).map(|(k, v)| (k.as_str(), v))
+        self.handlers
+            .get_key_value(name)
+            .map(|(k, v)| (k.as_str(), v))
     }
 
     /// The agent binary host sandboxes run.

@@ -27,7 +27,9 @@ impl Cri {
             .clone()
             .ok_or_else(|| CriError::InvalidArgument("metadata is required".into()))?;
         if meta.name.is_empty() {
-            return Err(CriError::InvalidArgument("metadata.name is required".into()));
+            return Err(CriError::InvalidArgument(
+                "metadata.name is required".into(),
+            ));
         }
         let image_ref = config
             .image
@@ -118,7 +120,8 @@ impl Cri {
                     seccomp_runtime_default,
                     masked_paths: security.masked_paths.clone(),
                     readonly_paths: security.readonly_paths.clone(),
-                    share_pod_pid_namespace: srec.pid_mode == k8s_cri::v1::NamespaceMode::Pod as i32,
+                    share_pod_pid_namespace: srec.pid_mode
+                        == k8s_cri::v1::NamespaceMode::Pod as i32,
                     ..Default::default()
                 }),
                 sysctls: Default::default(),
@@ -142,7 +145,9 @@ impl Cri {
             exit_code: 0,
             reason: String::new(),
             message: String::new(),
-            log_path: log_path.map(|p| p.display().to_string()).unwrap_or_default(),
+            log_path: log_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             mounts,
             exec_base,
         };
@@ -174,7 +179,10 @@ impl Cri {
         }
         let dir = Path::new(directory);
         let rel = Path::new(relative);
-        let plain = |p: &Path| p.components().all(|c| matches!(c, Component::Normal(_) | Component::RootDir));
+        let plain = |p: &Path| {
+            p.components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::RootDir))
+        };
         if !dir.is_absolute() || !plain(dir) || rel.is_absolute() || !plain(rel) {
             return Err(CriError::InvalidArgument(format!(
                 "log path {directory:?} + {relative:?} must be an absolute directory and a relative path without '..'"
@@ -361,8 +369,14 @@ mod tests {
             cmd: v(&["default"]),
             ..Default::default()
         };
-        assert_eq!(merge_args(&[], &[], &img).unwrap(), v(&["/entry", "default"]));
-        assert_eq!(merge_args(&[], &v(&["a"]), &img).unwrap(), v(&["/entry", "a"]));
+        assert_eq!(
+            merge_args(&[], &[], &img).unwrap(),
+            v(&["/entry", "default"])
+        );
+        assert_eq!(
+            merge_args(&[], &v(&["a"]), &img).unwrap(),
+            v(&["/entry", "a"])
+        );
         assert_eq!(merge_args(&v(&["sh"]), &[], &img).unwrap(), v(&["sh"]));
         assert_eq!(
             merge_args(&v(&["sh"]), &v(&["-c", "x"]), &img).unwrap(),

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_cri::v1::{
-    ContainerEventType, RemoveContainerRequest, RemoveContainerResponse,
-    ReopenContainerLogRequest, ReopenContainerLogResponse, StartContainerRequest,
-    StartContainerResponse, StopContainerRequest, StopContainerResponse,
-    UpdateContainerResourcesRequest, UpdateContainerResourcesResponse,
+    ContainerEventType, RemoveContainerRequest, RemoveContainerResponse, ReopenContainerLogRequest,
+    ReopenContainerLogResponse, StartContainerRequest, StartContainerResponse,
+    StopContainerRequest, StopContainerResponse, UpdateContainerResourcesRequest,
+    UpdateContainerResourcesResponse,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -63,8 +63,14 @@ impl Cri {
             .map_err(CriError::agent("StartContainer"))?;
         let mut pumps = Vec::new();
         for (stream, which) in [
-            (LogStream::Stdout, agent::read_output_request::Stream::Stdout),
-            (LogStream::Stderr, agent::read_output_request::Stream::Stderr),
+            (
+                LogStream::Stdout,
+                agent::read_output_request::Stream::Stdout,
+            ),
+            (
+                LogStream::Stderr,
+                agent::read_output_request::Stream::Stderr,
+            ),
         ] {
             let mut req = tonic::Request::new(agent::ReadOutputRequest {
                 container_id: rec.id.clone(),
@@ -105,7 +111,11 @@ impl Cri {
     }
 
     /// Watches a running container adopted after a restart.
-    pub(super) fn watch_exit(self: &Arc<Self>, container: Arc<Container>, client: AgentClient<Channel>) {
+    pub(super) fn watch_exit(
+        self: &Arc<Self>,
+        container: Arc<Container>,
+        client: AgentClient<Channel>,
+    ) {
         self.watch_exit_with(container, client, Vec::new());
     }
 
@@ -126,7 +136,15 @@ impl Cri {
                 req.set_timeout(WAIT_SLICE);
                 match client.wait_process(req).await {
                     Ok(r) => break Ok(r.into_inner()),
-                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => continue,
+                    // tonic reports its own client-side deadline as Cancelled.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        continue;
+                    }
                     Err(s) => break Err(s),
                 }
             };
@@ -142,7 +160,11 @@ impl Cri {
                 match exit {
                     Ok(e) => {
                         r.exit_code = e.exit_code;
-                        r.finished_at = if e.exited_at > 0 { e.exited_at } else { now_ns() };
+                        r.finished_at = if e.exited_at > 0 {
+                            e.exited_at
+                        } else {
+                            now_ns()
+                        };
                         r.reason = if e.oom_killed {
                             "OOMKilled"
                         } else if e.exit_code == 0 {
@@ -226,7 +248,12 @@ impl Cri {
     }
 
     /// Waits for the container's process to exit, up to `timeout`.
-    async fn wait_gone(&self, client: &mut AgentClient<Channel>, id: &str, timeout: Duration) -> bool {
+    async fn wait_gone(
+        &self,
+        client: &mut AgentClient<Channel>,
+        id: &str,
+        timeout: Duration,
+    ) -> bool {
         let mut req = tonic::Request::new(agent::WaitProcessRequest {
             container_id: id.into(),
             exec_id: String::new(),

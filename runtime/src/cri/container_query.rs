@@ -1,8 +1,8 @@
 //! ListContainers and ContainerStatus.
 
 use k8s_cri::v1::{
-    Container, ContainerMetadata, ContainerStatus, ContainerStatusRequest,
-    ContainerStatusResponse, ImageSpec, ListContainersRequest, ListContainersResponse, Mount,
+    Container, ContainerMetadata, ContainerStatus, ContainerStatusRequest, ContainerStatusResponse,
+    ImageSpec, ListContainersRequest, ListContainersResponse, Mount,
 };
 
 use super::store::{ContainerRecord, ContainerState};
@@ -78,7 +78,12 @@ impl Cri {
             .filter(|r| {
                 filter.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&filter.pod_sandbox_id)
             })
-            .filter(|r| filter.state.as_ref().is_none_or(|s| s.state == cri_state(r.state)))
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == cri_state(r.state))
+            })
             .filter(|r| labels_match(&r.labels, &filter.label_selector))
             .map(|r| Container {
                 id: r.id.clone(),

@@ -17,7 +17,10 @@ pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 const NO_TIMEOUT_BOUND: Duration = Duration::from_secs(3600);
 
 impl Cri {
-    pub(super) async fn exec_sync(&self, req: ExecSyncRequest) -> Result<ExecSyncResponse, CriError> {
+    pub(super) async fn exec_sync(
+        &self,
+        req: ExecSyncRequest,
+    ) -> Result<ExecSyncResponse, CriError> {
         if req.cmd.is_empty() {
             return Err(CriError::InvalidArgument("cmd is required".into()));
         }
@@ -83,7 +86,8 @@ impl Cri {
             container_id: rec.id.clone(),
             exec_id: exec_id.clone(),
         });
-        wait_req.set_timeout(timeout);
+        // The local timeout below decides; the call's own deadline is a backstop.
+        wait_req.set_timeout(timeout + Duration::from_secs(5));
         let mut wait_client = client.clone();
         let (stdout, stderr, exit) = tokio::join!(
             read(agent::read_output_request::Stream::Stdout),

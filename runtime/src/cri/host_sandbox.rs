@@ -144,21 +144,23 @@ pub fn spawn_agent(launch: &AgentLaunch<'_>) -> Result<i32, HostSandboxError> {
         .stdout(log)
         .stderr(log2);
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+    let in_child = move || -> std::io::Result<()> {
+        if let Some(fd) = netns_fd {
+            // SAFETY: setns takes an fd that stays open until spawn returns
+            // (the parent holds `netns`) and a constant flag.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // SAFETY: setsid takes no arguments.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
     // SAFETY: the closure only makes async-signal-safe system calls
-    // (setns, setsid) on an fd that stays open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = netns_fd
-                && libc::setns(fd, libc::CLONE_NEWNET) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // (setns, setsid) and allocates nothing.
+    unsafe { cmd.pre_exec(in_child) };
     let child = cmd.spawn().map_err(err)?;
     let pid = child.id() as i32;
     // Reap it when it exits; after a daemon restart init does.

@@ -93,7 +93,11 @@ impl StaticImages {
 
 impl ImageResolver for StaticImages {
     fn resolve(&self, image_ref: &str) -> Result<ResolvedImage, ImageError> {
-        let with_tag = if image_ref.rsplit('/').next().is_some_and(|l| !l.contains(':')) {
+        let with_tag = if image_ref
+            .rsplit('/')
+            .next()
+            .is_some_and(|l| !l.contains(':'))
+        {
             format!("{image_ref}:latest")
         } else {
             image_ref.to_string()

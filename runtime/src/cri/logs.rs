@@ -219,7 +219,10 @@ mod tests {
             text(s.push(b"lo\nworld\n\nx", "T")),
             ["T stdout F hello\n", "T stdout F world\n", "T stdout F \n"]
         );
-        assert_eq!(text(s.finish("T").into_iter().collect()), ["T stdout F x\n"]);
+        assert_eq!(
+            text(s.finish("T").into_iter().collect()),
+            ["T stdout F x\n"]
+        );
         assert!(s.finish("T").is_none());
     }
 

@@ -32,10 +32,7 @@ impl Cri {
         let agent_ok = agent.is_file();
         let mut info = std::collections::HashMap::new();
         if req.verbose {
-            info.insert(
-                "config".to_string(),
-                format!("{:?}", self.config),
-            );
+            info.insert("config".to_string(), format!("{:?}", self.config));
         }
         Ok(StatusResponse {
             status: Some(RuntimeStatus {
@@ -76,7 +73,11 @@ impl Cri {
         req: UpdateRuntimeConfigRequest,
     ) -> Result<UpdateRuntimeConfigResponse, CriError> {
         // The only setting is the pod CIDR, which matters once CNI lands.
-        if let Some(cidr) = req.runtime_config.and_then(|c| c.network_config).map(|n| n.pod_cidr) {
+        if let Some(cidr) = req
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+        {
             tracing::info!(%cidr, "pod CIDR updated (unused until CNI)");
         }
         Ok(UpdateRuntimeConfigResponse {})

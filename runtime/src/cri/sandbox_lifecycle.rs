@@ -131,7 +131,9 @@ impl Cri {
                     .await
                     {
                         Ok(a) => agent = Some(a),
-                        Err(e) => tracing::warn!(sandbox = %rec.id, error = %super::error_chain(&e), "cannot reach the agent"),
+                        Err(e) => {
+                            tracing::warn!(sandbox = %rec.id, error = %super::error_chain(&e), "cannot reach the agent")
+                        }
                     }
                 }
                 if agent.is_none() {

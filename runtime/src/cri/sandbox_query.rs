@@ -1,9 +1,9 @@
 //! PodSandboxStatus and ListPodSandbox.
 
 use k8s_cri::v1::{
-    ListPodSandboxRequest, ListPodSandboxResponse, LinuxPodSandboxStatus, Namespace,
-    NamespaceMode, NamespaceOption, PodSandbox, PodSandboxMetadata, PodSandboxNetworkStatus,
-    PodSandboxState, PodSandboxStatus, PodSandboxStatusRequest, PodSandboxStatusResponse,
+    LinuxPodSandboxStatus, ListPodSandboxRequest, ListPodSandboxResponse, Namespace, NamespaceMode,
+    NamespaceOption, PodSandbox, PodSandboxMetadata, PodSandboxNetworkStatus, PodSandboxState,
+    PodSandboxStatus, PodSandboxStatusRequest, PodSandboxStatusResponse,
 };
 
 use super::store::{SandboxRecord, SandboxState};
@@ -100,7 +100,12 @@ impl Cri {
             .iter()
             .map(|s| self.fresh_record(s))
             .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
-            .filter(|r| filter.state.as_ref().is_none_or(|s| s.state == cri_state(r.state)))
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == cri_state(r.state))
+            })
             .filter(|r| labels_match(&r.labels, &filter.label_selector))
             .map(|r| PodSandbox {
                 id: r.id.clone(),

@@ -34,10 +34,8 @@ impl Cri {
                 "metadata.name and metadata.namespace are required".into(),
             ));
         }
-        let (handler_name, handler) = self
-            .config
-            .handler(&req.runtime_handler)
-            .ok_or_else(|| {
+        let (handler_name, handler) =
+            self.config.handler(&req.runtime_handler).ok_or_else(|| {
                 CriError::NotFound(format!(
                     "runtime handler {:?} is not configured",
                     req.runtime_handler

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 
+use super::Cri;
 use super::config::Config;
 use super::image::{ImageResolver, StaticImages};
 use super::service::CriService;
-use super::Cri;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]

@@ -67,7 +67,10 @@ fn streaming(what: &str) -> Result<Response<()>, Status> {
 
 #[tonic::async_trait]
 impl RuntimeService for CriService {
-    async fn version(&self, r: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
+    async fn version(
+        &self,
+        r: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
         rpc!(self, "Version", version, r)
     }
     async fn run_pod_sandbox(
@@ -140,7 +143,12 @@ impl RuntimeService for CriService {
         &self,
         r: Request<UpdateContainerResourcesRequest>,
     ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
-        rpc!(self, "UpdateContainerResources", update_container_resources, r)
+        rpc!(
+            self,
+            "UpdateContainerResources",
+            update_container_resources,
+            r
+        )
     }
     async fn reopen_container_log(
         &self,
@@ -203,7 +211,9 @@ impl RuntimeService for CriService {
         &self,
         _r: Request<CheckpointContainerRequest>,
     ) -> Result<Response<CheckpointContainerResponse>, Status> {
-        Err(Status::unimplemented("CheckpointContainer is not supported"))
+        Err(Status::unimplemented(
+            "CheckpointContainer is not supported",
+        ))
     }
 
     type GetContainerEventsStream = EventStream;
@@ -214,13 +224,14 @@ impl RuntimeService for CriService {
     ) -> Result<Response<EventStream>, Status> {
         use tokio_stream::StreamExt;
         let rx = self.cri.subscribe();
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
-            Ok(ev) => Some(Ok(ev)),
-            Err(lagged) => {
-                tracing::warn!(%lagged, "an event subscriber fell behind");
-                None
-            }
-        });
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
+                Ok(ev) => Some(Ok(ev)),
+                Err(lagged) => {
+                    tracing::warn!(%lagged, "an event subscriber fell behind");
+                    None
+                }
+            });
         Ok(Response::new(Box::pin(stream)))
     }
     async fn list_metric_descriptors(
