@@ -11,6 +11,9 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
+use k8s_cri::v1::*;
+use tonic::Code;
+
 use crate::{artefact, static_agent, workspace_root};
 
 /// The demo image's name in the test config.
@@ -64,12 +67,16 @@ impl Daemon {
              default_handler = \"host\"\n{extra}\n\
              [handlers.host]\nbackend = \"host\"\n\
              [handlers.vm]\nbackend = \"vm\"\nhypervisor = \"qemu\"\naccel = \"tcg\"\n\
+             kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
+             [handlers.vmpod]\nbackend = \"vm\"\nhypervisor = \"vmpod\"\n\
              [[static_images]]\nname = \"{BUSYBOX}\"\nerofs = \"{erofs}\"\noci_layout = \"{layout}\"\n",
             state = dir.path().join("state").display(),
             logs = dir.path().join("logs").display(),
             agent = static_agent().display(),
             erofs = artefact("demo-image.erofs").display(),
             layout = artefact("demo-image").display(),
+            kernel = artefact("vmlinux").display(),
+            initramfs = artefact("initramfs.cpio").display(),
         );
         std::fs::write(&config, text).expect("writing the config");
         let mut d = Daemon {
@@ -210,4 +217,185 @@ pub fn cgroups_of(sandbox_id: &str) -> Vec<PathBuf> {
         out.extend(candidates.into_iter().filter(|p| p.exists()));
     }
     out
+}
+
+// Scenario helpers shared by the host and VM suites.
+
+pub fn pod_config(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: format!("{name}-host"),
+        log_directory: d.log_root().join(name).display().to_string(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.0.0.53".into()],
+            searches: vec!["svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn run_pod(cri: &mut Cri, config: PodSandboxConfig) -> String {
+    cri.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config),
+        runtime_handler: String::new(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("RunPodSandbox: {s:?}"))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+pub fn container_config(name: &str, command: &[&str], args: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}/0.log"),
+        labels: [("app".to_string(), name.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+pub async fn create(cri: &mut Cri, pod: &str, config: ContainerConfig) -> String {
+    cri.create_container(CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: None,
+    })
+    .await
+    .unwrap_or_else(|s| panic!("CreateContainer: {s:?}"))
+    .into_inner()
+    .container_id
+}
+
+pub async fn start(cri: &mut Cri, id: &str) {
+    cri.start_container(StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("StartContainer: {s:?}"));
+}
+
+pub async fn status(cri: &mut Cri, id: &str) -> ContainerStatus {
+    cri.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap_or_else(|s| panic!("ContainerStatus: {s:?}"))
+    .into_inner()
+    .status
+    .expect("a status")
+}
+
+/// Polls until the container has exited (bounded).
+pub async fn wait_exited(cri: &mut Cri, id: &str) -> ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(cri, id).await;
+        if s.state == ContainerState::ContainerExited as i32 {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{id} did not exit: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until the log file holds `n` lines (bounded).
+pub async fn log_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(String::from).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} lines, wanted {n}: {text:?}",
+            path.display(),
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn exec(
+    cri: &mut Cri,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<ExecSyncResponse, tonic::Status> {
+    cri.exec_sync(ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+pub async fn stop_remove_pod(cri: &mut Cri, pod: &str) {
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
+/// Nothing the daemon made for its pods is left: agents, container
+/// processes (their cgroups), mounts, state files.
+pub fn assert_no_leaks(d: &Daemon, pods: &[String]) {
+    let procs = processes_mentioning(&d.state_dir());
+    assert!(procs.is_empty(), "processes left behind: {procs:?}");
+    let mounts = mounts_under(d.dir.path());
+    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+    for pod in pods {
+        let cgroups = cgroups_of(pod);
+        assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
+        assert!(
+            !d.state_dir().join("sandboxes").join(pod).exists(),
+            "state of {pod} left behind"
+        );
+        assert!(
+            !d.state_dir().join("s").join(&pod[..16]).exists(),
+            "sockets of {pod} left behind"
+        );
+    }
+}
+
+/// The code of a call that must fail.
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("the call must fail").code()
+}
+
+pub fn parse_record(line: &str) -> (&str, &str, &str, &str) {
+    let mut parts = line.splitn(4, ' ');
+    let ts = parts.next().unwrap_or_default();
+    let stream = parts.next().unwrap_or_default();
+    let tag = parts.next().unwrap_or_default();
+    let msg = parts.next().unwrap_or_default();
+    (ts, stream, tag, msg)
 }

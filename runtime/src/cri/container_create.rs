@@ -59,6 +59,24 @@ impl Cri {
         let image = self.images.resolve(&image_ref)?;
         let log_path = self.log_path(&srec.log_directory, &config.log_path)?;
         let mounts = mounts(&config)?;
+        if srec.is_vm() && !mounts.is_empty() {
+            return Err(CriError::Unimplemented(
+                "volumes in VM pods need a shared file system (virtio-fs), not implemented yet"
+                    .into(),
+            ));
+        }
+        let rootfs_source = if srec.is_vm() {
+            let serial = srec.image_disks.get(&image.id).ok_or_else(|| {
+                CriError::FailedPrecondition(format!(
+                    "image {image_ref:?} was not present when pod {} booted, and QEMU's microvm \
+                     cannot hot-add its disk; recreate the pod",
+                    srec.id
+                ))
+            })?;
+            format!("serial:{serial}")
+        } else {
+            image.erofs_path.display().to_string()
+        };
         let security = config
             .linux
             .as_ref()
@@ -97,7 +115,7 @@ impl Cri {
             .create_container(agent::CreateContainerRequest {
                 container_id: id.clone(),
                 rootfs: Some(agent::Rootfs {
-                    source: image.erofs_path.display().to_string(),
+                    source: rootfs_source,
                     fstype: "erofs".into(),
                     writable_bytes: 0,
                     readonly: false,

@@ -17,7 +17,7 @@ pub enum HostSandboxError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the agent {binary}")]
+    #[error("starting {binary}")]
     SpawnAgent {
         binary: PathBuf,
         #[source]
@@ -117,30 +117,42 @@ pub struct AgentLaunch<'a> {
 }
 
 /// Starts the agent in its own session (it outlives a daemon restart) and
-/// returns its PID. A task reaps it while this daemon runs.
+/// returns its PID.
 pub fn spawn_agent(launch: &AgentLaunch<'_>) -> Result<i32, HostSandboxError> {
-    let err = |source| HostSandboxError::SpawnAgent {
-        binary: launch.binary.to_path_buf(),
-        source,
-    };
-    let netns = match launch.netns {
-        Some(p) => Some(std::fs::File::open(p).map_err(err)?),
-        None => None,
-    };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(launch.log)
-        .map_err(err)?;
-    let log2 = log.try_clone().map_err(err)?;
     let mut cmd = std::process::Command::new(launch.binary);
     cmd.arg("--listen")
         .arg(format!("unix:{}", launch.socket.display()))
         .arg("--state-dir")
         .arg(launch.state_dir)
         .arg("--cgroup-parent")
-        .arg(launch.cgroup_parent)
-        .stdin(std::process::Stdio::null())
+        .arg(launch.cgroup_parent);
+    spawn_detached(cmd, launch.netns, launch.log)
+}
+
+/// Spawns `cmd` in its own session with stdout and stderr appended to
+/// `log`, optionally inside a network namespace, and returns its PID. A
+/// thread reaps it while this daemon runs; after a restart init does.
+pub fn spawn_detached(
+    mut cmd: std::process::Command,
+    netns: Option<&Path>,
+    log: &Path,
+) -> Result<i32, HostSandboxError> {
+    let binary = PathBuf::from(cmd.get_program());
+    let err = |source| HostSandboxError::SpawnAgent {
+        binary: binary.clone(),
+        source,
+    };
+    let netns = match netns {
+        Some(p) => Some(std::fs::File::open(p).map_err(err)?),
+        None => None,
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(err)?;
+    let log2 = log.try_clone().map_err(err)?;
+    cmd.stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2);
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
@@ -163,7 +175,6 @@ pub fn spawn_agent(launch: &AgentLaunch<'_>) -> Result<i32, HostSandboxError> {
     unsafe { cmd.pre_exec(in_child) };
     let child = cmd.spawn().map_err(err)?;
     let pid = child.id() as i32;
-    // Reap it when it exits; after a daemon restart init does.
     std::thread::spawn(move || {
         let mut child = child;
         let _ = child.wait();

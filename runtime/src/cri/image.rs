@@ -51,6 +51,10 @@ pub struct ResolvedImage {
 pub trait ImageResolver: Send + Sync {
     /// Resolves a name, a name with tag or an image ID.
     fn resolve(&self, image_ref: &str) -> Result<ResolvedImage, ImageError>;
+
+    /// Every present image (VM pods on hypervisors without disk hot-plug
+    /// attach them all at boot).
+    fn list(&self) -> Vec<ResolvedImage>;
 }
 
 /// One image served from local files, as listed in the config.
@@ -108,6 +112,12 @@ impl ImageResolver for StaticImages {
             .or_else(|| self.images.values().find(|i| i.id == image_ref))
             .cloned()
             .ok_or_else(|| ImageError::NotFound(image_ref.to_string()))
+    }
+
+    fn list(&self) -> Vec<ResolvedImage> {
+        let mut all: Vec<ResolvedImage> = self.images.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 }
 

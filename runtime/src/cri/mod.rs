@@ -23,6 +23,7 @@ pub mod serve;
 pub mod service;
 mod stats;
 pub mod store;
+pub mod vm_sandbox;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -13,7 +13,7 @@ use k8s_cri::v1::{
 use super::host_sandbox;
 use super::store::{ContainerState, SandboxState};
 use super::{Container, Cri, CriError, Sandbox, lock, now_ns};
-use crate::agent_client::{self, AgentAddr};
+use crate::agent_client;
 
 /// How long the agent gets to stop everything and exit.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,7 +46,17 @@ impl Cri {
         if let Some(pid) = rec.agent_pid {
             host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
         }
-        host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
+        // A VM guest ends by rebooting, which QEMU (-no-reboot) turns into
+        // its exit; then its vsock backend goes.
+        if let Some(pid) = rec.vmm_pid {
+            host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
+        }
+        if let Some(pid) = rec.vsock_pid {
+            host_sandbox::end_process(pid, Duration::ZERO).await;
+        }
+        if !rec.is_vm() {
+            host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
+        }
         if let Some(netns) = &rec.netns {
             host_sandbox::remove_netns(netns);
         }
@@ -110,6 +120,7 @@ impl Cri {
                 dir.display()
             )));
         }
+        let _ = std::fs::remove_dir_all(self.state.socket_dir(&id));
         lock(&self.sandboxes).remove(&id);
         tracing::info!(sandbox = %id, "pod sandbox removed");
         Ok(RemovePodSandboxResponse {})
@@ -122,13 +133,10 @@ impl Cri {
         for (mut rec, containers) in self.state.load() {
             let mut agent = None;
             if rec.state == SandboxState::Ready {
-                let alive = rec.agent_pid.is_some_and(host_sandbox::alive);
+                let alive = rec.main_pid().is_some_and(host_sandbox::alive);
                 if alive {
-                    match agent_client::connect_ready(
-                        &AgentAddr::Unix(rec.agent_socket.clone()),
-                        Duration::from_secs(5),
-                    )
-                    .await
+                    match agent_client::connect_ready(&rec.agent_addr(), Duration::from_secs(5))
+                        .await
                     {
                         Ok(a) => agent = Some(a),
                         Err(e) => {

@@ -30,7 +30,7 @@ impl Cri {
     /// since the last call.
     fn fresh_record(&self, sandbox: &super::Sandbox) -> SandboxRecord {
         let mut rec = sandbox.rec();
-        if rec.state == SandboxState::Ready && !rec.agent_pid.is_some_and(host_sandbox::alive) {
+        if rec.state == SandboxState::Ready && !rec.main_pid().is_some_and(host_sandbox::alive) {
             rec.state = SandboxState::NotReady;
             lock(&sandbox.rec).state = SandboxState::NotReady;
             lock(&sandbox.agent).take();
@@ -49,9 +49,11 @@ impl Cri {
         let mut info = std::collections::HashMap::new();
         if req.verbose {
             let verbose = serde_json::json!({
-                "backend": "host",
+                "backend": rec.backend,
                 "handler": rec.resolved_handler,
-                "pid": rec.agent_pid,
+                "pid": rec.main_pid(),
+                "vsockPid": rec.vsock_pid,
+                "imageDisks": rec.image_disks,
                 "agentSocket": rec.agent_socket,
                 "netns": rec.netns,
                 "cgroupParent": rec.cgroup_parent,

@@ -11,8 +11,9 @@ use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 use super::config::Backend;
 use super::host_sandbox::{self, AgentLaunch};
 use super::store::{SandboxRecord, SandboxState};
+use super::vm_sandbox;
 use super::{Cri, CriError, Sandbox, new_id, now_ns};
-use crate::agent_client::{self, AgentAddr};
+use crate::agent_client;
 
 /// How long a new host agent has to answer Health.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -95,12 +96,6 @@ impl Cri {
                     .into(),
             ));
         }
-        if handler.backend == Backend::Vm {
-            return Err(CriError::Unimplemented(format!(
-                "handler {handler_name:?} uses the vm backend, which this daemon does not run yet; \
-                 use a host handler"
-            )));
-        }
 
         let id = new_id()?;
         let dir = self.state.sandbox_dir(&id);
@@ -124,17 +119,25 @@ impl Cri {
             log_directory: config.log_directory,
             hostname: hostname.clone(),
             agent_pid: None,
-            agent_socket: dir.join("agent.sock"),
-            netns: (!host_network).then(|| dir.join("netns")),
+            agent_socket: self.state.socket_dir(&id).join("agent.sock"),
+            netns: (host_backend && !host_network).then(|| dir.join("netns")),
             cgroup_parent: format!("/vmpod/{id}"),
             host_network,
             pid_mode: ns.pid,
             ipc_mode: ns.ipc,
+            backend: String::from(if host_backend { "host" } else { "vm" }),
+            vmm_pid: None,
+            vsock_pid: None,
+            image_disks: Default::default(),
         };
         let mut undo = Rollback::default();
-        let result = self
-            .start_host_sandbox(rec, config.dns_config, config.linux, &mut undo)
-            .await;
+        let result = if host_backend {
+            self.start_host_sandbox(rec, config.dns_config, config.linux, &mut undo)
+                .await
+        } else {
+            self.start_vm_sandbox(rec, &handler, config.dns_config, config.linux, &mut undo)
+                .await
+        };
         match result {
             Ok(sandbox) => {
                 super::lock(&self.sandboxes).insert(id.clone(), Arc::new(sandbox));
@@ -159,6 +162,7 @@ impl Cri {
         std::fs::create_dir_all(&dir)
             .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
         undo.push(Step::RemoveDir(dir.clone()));
+        self.make_socket_dir(&rec.id, undo)?;
         if let Some(netns) = &rec.netns {
             host_sandbox::create_netns(netns)?;
             undo.push(Step::RemoveNetns(netns.clone()));
@@ -174,12 +178,70 @@ impl Cri {
         })?;
         undo.push(Step::KillAgent(pid, rec.cgroup_parent.clone()));
         rec.agent_pid = Some(pid);
-        let mut agent = agent_client::connect_ready(
-            &AgentAddr::Unix(rec.agent_socket.clone()),
-            AGENT_READY_TIMEOUT,
-        )
-        .await
-        .map_err(CriError::AgentUnreachable)?;
+        let agent = agent_client::connect_ready(&rec.agent_addr(), AGENT_READY_TIMEOUT)
+            .await
+            .map_err(CriError::AgentUnreachable)?;
+        self.setup(rec, agent, dns, linux).await
+    }
+
+    async fn start_vm_sandbox(
+        &self,
+        mut rec: SandboxRecord,
+        handler: &super::config::Handler,
+        dns: Option<k8s_cri::v1::DnsConfig>,
+        linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
+        undo: &mut Rollback,
+    ) -> Result<Sandbox, CriError> {
+        let dir = self.state.sandbox_dir(&rec.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
+        undo.push(Step::RemoveDir(dir.clone()));
+        let sockets = self.make_socket_dir(&rec.id, undo)?;
+        let images = self.images.list();
+        let vm = vm_sandbox::start(&dir, &sockets, handler, &images)?;
+        undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
+        rec.vmm_pid = Some(vm.vmm_pid);
+        rec.vsock_pid = Some(vm.vsock_pid);
+        rec.agent_socket = vm.uds;
+        rec.image_disks = vm.image_disks;
+        let agent = agent_client::connect_ready(&rec.agent_addr(), vm_sandbox::BOOT_TIMEOUT)
+            .await
+            .map_err(|e| {
+                CriError::Internal(format!(
+                    "the pod VM's agent did not answer: {}\nconsole:\n{}",
+                    super::error_chain(&e),
+                    vm_sandbox::console_tail(&dir)
+                ))
+            })?;
+        self.setup(rec, agent, dns, linux).await
+    }
+
+    /// Creates the sandbox's socket dir (it must be new: its name is a
+    /// prefix of the ID).
+    fn make_socket_dir(
+        &self,
+        id: &str,
+        undo: &mut Rollback,
+    ) -> Result<std::path::PathBuf, CriError> {
+        let sockets = self.state.socket_dir(id);
+        if let Some(parent) = sockets.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| CriError::Internal(format!("creating {}: {e}", parent.display())))?;
+        }
+        std::fs::create_dir(&sockets)
+            .map_err(|e| CriError::Internal(format!("creating {}: {e}", sockets.display())))?;
+        undo.push(Step::RemoveDir(sockets.clone()));
+        Ok(sockets)
+    }
+
+    /// SetupSandbox, then the record is persisted: the sandbox exists.
+    async fn setup(
+        &self,
+        rec: SandboxRecord,
+        mut agent: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+        dns: Option<k8s_cri::v1::DnsConfig>,
+        linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
+    ) -> Result<Sandbox, CriError> {
         let dns = dns.unwrap_or_default();
         agent
             .setup_sandbox(vmpod_proto::v1::SetupSandboxRequest {
@@ -206,6 +268,7 @@ enum Step {
     RemoveDir(std::path::PathBuf),
     RemoveNetns(std::path::PathBuf),
     KillAgent(i32, String),
+    KillVm(i32, i32),
 }
 
 /// Undo steps, run in reverse on failure.
@@ -225,6 +288,10 @@ impl Rollback {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 Step::RemoveNetns(path) => host_sandbox::remove_netns(&path),
+                Step::KillVm(vmm, vsock) => {
+                    host_sandbox::end_process(vmm, Duration::ZERO).await;
+                    host_sandbox::end_process(vsock, Duration::ZERO).await;
+                }
                 Step::KillAgent(pid, cgroup_parent) => {
                     host_sandbox::end_process(pid, Duration::ZERO).await;
                     host_sandbox::remove_cgroups(&cgroup_parent).await;

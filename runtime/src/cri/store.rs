@@ -70,6 +70,46 @@ pub struct SandboxRecord {
     /// CRI NamespaceMode values (POD=0, CONTAINER=1, NODE=2).
     pub pid_mode: i32,
     pub ipc_mode: i32,
+    /// "host" or "vm".
+    #[serde(default)]
+    pub backend: String,
+    /// VM backend: the VMM (QEMU) and vhost-device-vsock processes.
+    #[serde(default)]
+    pub vmm_pid: Option<i32>,
+    #[serde(default)]
+    pub vsock_pid: Option<i32>,
+    /// VM backend: image ID → the serial of its disk in the guest.
+    #[serde(default)]
+    pub image_disks: BTreeMap<String, String>,
+}
+
+impl SandboxRecord {
+    /// Whether this sandbox runs in a VM.
+    pub fn is_vm(&self) -> bool {
+        self.backend == "vm"
+    }
+
+    /// Where its agent listens: the host agent's socket, or the VM's
+    /// hybrid-vsock socket (`agent_socket` holds it for VMs).
+    pub fn agent_addr(&self) -> crate::agent_client::AgentAddr {
+        if self.is_vm() {
+            crate::agent_client::AgentAddr::HybridVsock {
+                uds: self.agent_socket.clone(),
+                port: vmpod_proto::AGENT_VSOCK_PORT,
+            }
+        } else {
+            crate::agent_client::AgentAddr::Unix(self.agent_socket.clone())
+        }
+    }
+
+    /// The process whose life is the sandbox's: the VMM or the host agent.
+    pub fn main_pid(&self) -> Option<i32> {
+        if self.is_vm() {
+            self.vmm_pid
+        } else {
+            self.agent_pid
+        }
+    }
 }
 
 /// A container's life:
@@ -150,6 +190,12 @@ impl StateDir {
 
     pub fn sandboxes(&self) -> PathBuf {
         self.root.join("sandboxes")
+    }
+
+    /// A short directory for a sandbox's unix sockets: socket paths are
+    /// limited to 107 bytes, and a 64-digit ID in the path eats most of it.
+    pub fn socket_dir(&self, id: &str) -> PathBuf {
+        self.root.join("s").join(id.get(..16).unwrap_or(id))
     }
 
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
