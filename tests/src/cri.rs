@@ -137,6 +137,34 @@ impl Daemon {
         self.spawn();
     }
 
+    /// SIGTERMs the daemon, asserts it ends cleanly (in time), and starts
+    /// it again.
+    pub fn terminate_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) takes plain integers; the PID is our child's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(
+                        status.success(),
+                        "vmpod serve ended with {status}:\n{}",
+                        self.log()
+                    );
+                    break;
+                }
+                assert!(Instant::now() < deadline, "vmpod serve ignored SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.spawn();
+    }
+
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// A connected client.
     pub async fn client(&self) -> Cri {
         let path = self.socket.clone();
@@ -167,10 +195,40 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Kills the daemon and whatever its pods still run: a failed test must
+    /// not leave agents, VMs, cgroups or namespaces behind.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        let Ok(entries) = std::fs::read_dir(self.state_dir().join("sandboxes")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(text) = std::fs::read(e.path().join("sandbox.json")) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&text) else {
+                continue;
+            };
+            for key in ["agent_pid", "vmm_pid", "vsock_pid"] {
+                if let Some(pid) = rec[key].as_i64().and_then(|p| i32::try_from(p).ok()) {
+                    // SAFETY: kill(2) takes plain integers; the PID is one
+                    // this test's daemon started and recorded.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            if let Some(parent) = rec["cgroup_parent"].as_str() {
+                crate::sandbox::remove_cgroup_tree(parent);
+            }
+            if let Some(netns) = rec["netns"].as_str()
+                && let Ok(c) = std::ffi::CString::new(netns)
+            {
+                // SAFETY: umount2 takes a NUL-terminated path that lives
+                // for the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
         }
     }
 }
