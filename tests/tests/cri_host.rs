@@ -148,6 +148,37 @@ async fn pod_and_container_lifecycle_with_logs_and_exec() {
             .and_then(|m| m.working_set_bytes)
             .is_some_and(|v| v.value > 0)
     );
+    let pod_stats = cri
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .and_then(|s| s.linux)
+        .expect("linux pod stats");
+    assert_eq!(pod_stats.containers.len(), 1);
+    assert!(
+        pod_stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .is_some_and(|v| v.value > 0)
+    );
+    let listed = cri
+        .list_container_stats(ListContainerStatsRequest::default())
+        .await
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    assert_eq!(listed.len(), 1);
+    let listed = cri
+        .list_pod_sandbox_stats(ListPodSandboxStatsRequest::default())
+        .await
+        .expect("ListPodSandboxStats")
+        .into_inner()
+        .stats;
+    assert_eq!(listed.len(), 1);
     cri.update_container_resources(UpdateContainerResourcesRequest {
         container_id: c.clone(),
         linux: Some(LinuxContainerResources {
