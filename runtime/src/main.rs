@@ -63,6 +63,27 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run IMAGE in a new pod through a running `vmpod serve`, print its
+    /// output, remove the pod, and exit with the container's exit code.
+    Run {
+        /// The image (as the daemon knows it).
+        image: String,
+        /// The command; the image's entrypoint/cmd when empty.
+        #[arg(last = true)]
+        command: Vec<String>,
+        /// The daemon's CRI socket.
+        #[arg(long, default_value = "/run/vmpod/vmpod.sock")]
+        socket: PathBuf,
+        /// The RuntimeClass handler (empty: the daemon's default).
+        #[arg(long, default_value = "")]
+        runtime_handler: String,
+        /// The daemon's log_dir_root.
+        #[arg(long, default_value = "/var/log/pods")]
+        log_root: PathBuf,
+        /// Seconds before giving up on the container.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 /// Where `vmpod serve` reads its configuration unless told otherwise.
@@ -83,6 +104,30 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Run {
+            image,
+            command,
+            socket,
+            runtime_handler,
+            log_root,
+            timeout,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            let code = rt
+                .block_on(vmpod::cri::run_cli::run(vmpod::cri::run_cli::RunOptions {
+                    socket,
+                    image,
+                    command,
+                    runtime_handler,
+                    log_root,
+                    timeout: Duration::from_secs(timeout),
+                }))
+                .context("vmpod run")?;
+            std::process::exit(code);
+        }
         Command::Serve { socket, config } => {
             let cfg = match &config {
                 Some(path) => vmpod::cri::config::Config::load(path, true),

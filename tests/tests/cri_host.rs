@@ -929,3 +929,36 @@ async fn graceful_shutdown_leaves_pods_running() {
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vmpod_run_prints_output_and_exit_code() {
+    let d = Daemon::start("");
+    let out = tokio::process::Command::new(vmpod_binary())
+        .arg("run")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--log-root")
+        .arg(d.log_root())
+        .arg("--timeout")
+        .arg("60")
+        .arg(BUSYBOX)
+        .args(["--", "sh", "-c", "echo hi; echo err >&2; exit 3"])
+        .output()
+        .await
+        .expect("running vmpod run");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(out.stdout, b"hi\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("err"),
+        "{out:?}"
+    );
+    let mut cri = d.client().await;
+    let items = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(items.is_empty(), "vmpod run removes its pod: {items:?}");
+    assert_no_leaks(&d, &[]);
+}

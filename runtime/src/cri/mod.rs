@@ -15,6 +15,7 @@ mod exec_sync;
 pub mod host_sandbox;
 pub mod image;
 pub mod logs;
+pub mod run_cli;
 mod runtime_info;
 mod sandbox_lifecycle;
 mod sandbox_query;
