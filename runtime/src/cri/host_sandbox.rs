@@ -194,6 +194,24 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// A process's start time (clock ticks since boot, /proc/PID/stat field
+/// 22): with the PID it names one process, even after the PID is reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at field 3.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is still the process that started at `start`.
+pub fn same_process(pid: i32, start: u64) -> bool {
+    alive(pid) && start_time(pid) == Some(start)
+}
+
 /// Waits up to `timeout` for `pid` to end; SIGKILLs it if it does not.
 pub async fn end_process(pid: i32, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -259,5 +277,20 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
                 collect_dirs(&e.path(), out);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_is_ours_only_with_its_start_time() {
+        let me = std::process::id() as i32;
+        let start = start_time(me).expect("our own start time");
+        assert!(same_process(me, start));
+        // The same PID with another start time is a reused PID.
+        assert!(!same_process(me, start + 1));
+        assert!(!alive(i32::MAX));
     }
 }

@@ -43,15 +43,16 @@ impl Cri {
                 tracing::warn!(sandbox = %rec.id, %status, "agent Shutdown failed; killing it");
             }
         }
-        if let Some(pid) = rec.agent_pid {
+        // Only processes that are still ours: a PID may have been reused.
+        if let Some(pid) = rec.agent_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
         }
         // A VM guest ends by rebooting, which QEMU (-no-reboot) turns into
         // its exit; then its vsock backend goes.
-        if let Some(pid) = rec.vmm_pid {
+        if let Some(pid) = rec.vmm_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
         }
-        if let Some(pid) = rec.vsock_pid {
+        if let Some(pid) = rec.vsock_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, Duration::ZERO).await;
         }
         if !rec.is_vm() {
@@ -133,8 +134,7 @@ impl Cri {
         for (mut rec, containers) in self.state.load() {
             let mut agent = None;
             if rec.state == SandboxState::Ready {
-                let alive = rec.main_pid().is_some_and(host_sandbox::alive);
-                if alive {
+                if rec.main_alive() {
                     match agent_client::connect_ready(&rec.agent_addr(), Duration::from_secs(5))
                         .await
                     {

@@ -7,7 +7,7 @@ use k8s_cri::v1::{
 };
 
 use super::store::{SandboxRecord, SandboxState};
-use super::{Cri, CriError, host_sandbox, labels_match, lock};
+use super::{Cri, CriError, labels_match, lock};
 
 fn cri_state(s: SandboxState) -> i32 {
     (match s {
@@ -30,7 +30,7 @@ impl Cri {
     /// since the last call.
     fn fresh_record(&self, sandbox: &super::Sandbox) -> SandboxRecord {
         let mut rec = sandbox.rec();
-        if rec.state == SandboxState::Ready && !rec.main_pid().is_some_and(host_sandbox::alive) {
+        if rec.state == SandboxState::Ready && !rec.main_alive() {
             rec.state = SandboxState::NotReady;
             lock(&sandbox.rec).state = SandboxState::NotReady;
             lock(&sandbox.agent).take();

@@ -129,6 +129,7 @@ impl Cri {
             vmm_pid: None,
             vsock_pid: None,
             image_disks: Default::default(),
+            pid_starts: Default::default(),
         };
         let mut undo = Rollback::default();
         let result = if host_backend {
@@ -178,6 +179,7 @@ impl Cri {
         })?;
         undo.push(Step::KillAgent(pid, rec.cgroup_parent.clone()));
         rec.agent_pid = Some(pid);
+        rec.note_pid(pid);
         let agent = agent_client::connect_ready(&rec.agent_addr(), AGENT_READY_TIMEOUT)
             .await
             .map_err(CriError::AgentUnreachable)?;
@@ -202,6 +204,8 @@ impl Cri {
         undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
         rec.vmm_pid = Some(vm.vmm_pid);
         rec.vsock_pid = Some(vm.vsock_pid);
+        rec.note_pid(vm.vmm_pid);
+        rec.note_pid(vm.vsock_pid);
         rec.agent_socket = vm.uds;
         rec.image_disks = vm.image_disks;
         let agent = agent_client::connect_ready(&rec.agent_addr(), vm_sandbox::BOOT_TIMEOUT)

@@ -81,6 +81,11 @@ pub struct SandboxRecord {
     /// VM backend: image ID → the serial of its disk in the guest.
     #[serde(default)]
     pub image_disks: BTreeMap<String, String>,
+    /// PID → its start time, so a PID reused by another process (after the
+    /// sandbox died while vmpod was down, or a reboot) is never taken for,
+    /// or killed as, the sandbox's.
+    #[serde(default)]
+    pub pid_starts: BTreeMap<String, u64>,
 }
 
 impl SandboxRecord {
@@ -109,6 +114,26 @@ impl SandboxRecord {
         } else {
             self.agent_pid
         }
+    }
+
+    /// Remembers who `pid` is.
+    pub fn note_pid(&mut self, pid: i32) {
+        if let Some(start) = crate::cri::host_sandbox::start_time(pid) {
+            self.pid_starts.insert(pid.to_string(), start);
+        }
+    }
+
+    /// Whether `pid` is still the process this sandbox started.
+    pub fn owns(&self, pid: i32) -> bool {
+        match self.pid_starts.get(&pid.to_string()) {
+            Some(&start) => crate::cri::host_sandbox::same_process(pid, start),
+            None => false,
+        }
+    }
+
+    /// Whether the sandbox's main process still runs.
+    pub fn main_alive(&self) -> bool {
+        self.main_pid().is_some_and(|p| self.owns(p))
     }
 }
 
