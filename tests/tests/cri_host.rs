@@ -962,3 +962,55 @@ async fn vmpod_run_prints_output_and_exit_code() {
     assert!(items.is_empty(), "vmpod run removes its pod: {items:?}");
     assert_no_leaks(&d, &[]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_agent_makes_the_pod_notready_and_stop_cleans_up() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "doomed", &[])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("c", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let info = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .info;
+    let verbose: serde_json::Value = serde_json::from_str(&info["info"]).expect("verbose JSON");
+    let pid = verbose["pid"].as_i64().expect("the agent's pid") as i32;
+    // SAFETY: kill(2) takes plain integers; the PID is the test pod's agent.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = cri
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("status")
+            .into_inner()
+            .status
+            .expect("status")
+            .state;
+        if state == PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pod stayed READY");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The container the dead agent left behind is killed by StopPodSandbox
+    // (through the pod's cgroups) and nothing is left.
+    let s = wait_exited(&mut cri, &c).await;
+    assert_eq!(s.reason, "Unknown", "{s:?}");
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
