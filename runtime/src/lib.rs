@@ -5,6 +5,7 @@
 //! launchers and, as they land, the daemon and the VMM.
 
 pub mod agent_client;
+pub mod cri;
 pub mod guest;
 pub mod hypervisor;
 pub mod image;

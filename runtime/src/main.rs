@@ -71,6 +71,38 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Serve the CRI v1 RuntimeService on a unix socket (the kubelet's
+    /// --container-runtime-endpoint). Pods keep running when it stops.
+    Serve {
+        /// The CRI socket (created with mode 0660).
+        #[arg(long, default_value = "/run/vmpod/vmpod.sock")]
+        socket: PathBuf,
+        /// The TOML configuration (see docs/config.md); a missing file at
+        /// the default path means all defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run IMAGE in a new pod through a running `vmpod serve`, print its
+    /// output, remove the pod, and exit with the container's exit code.
+    Run {
+        /// The image (as the daemon knows it).
+        image: String,
+        /// The command; the image's entrypoint/cmd when empty.
+        #[arg(last = true)]
+        command: Vec<String>,
+        /// The daemon's CRI socket.
+        #[arg(long, default_value = "/run/vmpod/vmpod.sock")]
+        socket: PathBuf,
+        /// The RuntimeClass handler (empty: the daemon's default).
+        #[arg(long, default_value = "")]
+        runtime_handler: String,
+        /// The daemon's log_dir_root.
+        #[arg(long, default_value = "/var/log/pods")]
+        log_root: PathBuf,
+        /// Seconds before giving up on the container.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,6 +130,9 @@ enum ImageCommand {
     },
 }
 
+/// Where `vmpod serve` reads its configuration unless told otherwise.
+const DEFAULT_CONFIG: &str = "/etc/vmpod/config.toml";
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum AccelArg {
     Kvm,
@@ -119,6 +154,45 @@ fn main() -> anyhow::Result<()> {
             let reason = vmpod::vmm::run_with_devices(&cfg, started).context("running the VM")?;
             eprintln!("vmpod vmm: {reason}");
             std::process::exit(reason.exit_code());
+        }
+        Command::Run {
+            image,
+            command,
+            socket,
+            runtime_handler,
+            log_root,
+            timeout,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            let code = rt
+                .block_on(vmpod::cri::run_cli::run(vmpod::cri::run_cli::RunOptions {
+                    socket,
+                    image,
+                    command,
+                    runtime_handler,
+                    log_root,
+                    timeout: Duration::from_secs(timeout),
+                }))
+                .context("vmpod run")?;
+            std::process::exit(code);
+        }
+        Command::Serve { socket, config } => {
+            let cfg = match &config {
+                Some(path) => vmpod::cri::config::Config::load(path, true),
+                None => {
+                    vmpod::cri::config::Config::load(std::path::Path::new(DEFAULT_CONFIG), false)
+                }
+            }
+            .context("loading the configuration")?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(vmpod::cri::serve::serve(cfg, &socket))
+                .context("serving the CRI")?;
         }
         Command::Initramfs { agent, out } => {
             let size = initramfs::build_to_file(&agent, &out)?;

@@ -72,6 +72,7 @@ pub fn sha256_digest(data: &[u8]) -> String {
     s
 }
 
+pub mod cri;
 pub mod sandbox;
 
 /// Panics with a clear message unless /dev/kvm exists and can be opened

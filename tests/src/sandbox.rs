@@ -202,7 +202,7 @@ impl Drop for Sandbox {
 /// Kills what still runs in a host sandbox's cgroups (a killed agent leaves
 /// its containers behind) and removes the cgroups, deepest first, in every
 /// hierarchy of the host.
-fn remove_cgroup_tree(parent: &str) {
+pub(crate) fn remove_cgroup_tree(parent: &str) {
     let mut dirs: Vec<PathBuf> = Vec::new();
     let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;

@@ -1,0 +1,442 @@
+//! CreateContainer: the image config merged with the request the way
+//! Kubernetes runtimes do it, then the agent prepares the container.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use k8s_cri::v1::{
+    ContainerConfig, ContainerEventType, CreateContainerRequest, CreateContainerResponse,
+    security_profile::ProfileType,
+};
+use vmpod_proto::v1 as agent;
+
+use super::image::ImageConfig;
+use super::store::{ContainerRecord, ContainerState, ExecBase, MountRecord, SandboxState};
+use super::{Container, Cri, CriError, lock, new_id, now_ns};
+
+impl Cri {
+    pub(super) async fn create_container(
+        &self,
+        req: CreateContainerRequest,
+    ) -> Result<CreateContainerResponse, CriError> {
+        let config = req
+            .config
+            .ok_or_else(|| CriError::InvalidArgument("config is required".into()))?;
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| CriError::InvalidArgument("metadata is required".into()))?;
+        if meta.name.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "metadata.name is required".into(),
+            ));
+        }
+        let image_ref = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| CriError::InvalidArgument("image is required".into()))?;
+        let sandbox = self.sandbox(&req.pod_sandbox_id)?;
+        let _op = sandbox.op.lock().await;
+        let srec = sandbox.rec();
+        if srec.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                srec.id
+            )));
+        }
+        let taken = self.containers_of(&srec.id).iter().any(|c| {
+            let r = lock(&c.rec);
+            r.name == meta.name && r.attempt == meta.attempt
+        });
+        if taken {
+            return Err(CriError::AlreadyExists(format!(
+                "container {:?} attempt {} already exists in pod {}",
+                meta.name, meta.attempt, srec.id
+            )));
+        }
+        let image = self.images.resolve(&image_ref)?;
+        let log_path = self.log_path(&srec.log_directory, &config.log_path)?;
+        let mounts = mounts(&config)?;
+        if srec.is_vm() && !mounts.is_empty() {
+            return Err(CriError::Unimplemented(
+                "volumes in VM pods need a shared file system (virtio-fs), not implemented yet"
+                    .into(),
+            ));
+        }
+        let rootfs_source = if srec.is_vm() {
+            let serial = srec.image_disks.get(&image.id).ok_or_else(|| {
+                CriError::FailedPrecondition(format!(
+                    "image {image_ref:?} was not present when pod {} booted, and QEMU's microvm \
+                     cannot hot-add its disk; recreate the pod",
+                    srec.id
+                ))
+            })?;
+            format!("serial:{serial}")
+        } else {
+            image.erofs_path.display().to_string()
+        };
+        let security = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.clone())
+            .unwrap_or_default();
+        if security.privileged && !self.config.host.allow_privileged {
+            return Err(CriError::FailedPrecondition(
+                "the container asks for privileged mode, which the config does not allow".into(),
+            ));
+        }
+        let process = process(&config, &image.config, &security)?;
+        let exec_base = {
+            let u = process.user.clone().unwrap_or_default();
+            ExecBase {
+                env: process.env.clone(),
+                cwd: process.cwd.clone(),
+                uid: u.uid,
+                gid: u.gid,
+                username: u.username,
+                additional_gids: u.additional_gids,
+            }
+        };
+
+        let id = new_id()?;
+        let resources = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.as_ref())
+            .map(resources);
+        let seccomp_runtime_default = security
+            .seccomp
+            .as_ref()
+            .is_some_and(|s| s.profile_type == ProfileType::RuntimeDefault as i32);
+        let mut agent_client = sandbox.agent()?;
+        agent_client
+            .create_container(agent::CreateContainerRequest {
+                container_id: id.clone(),
+                rootfs: Some(agent::Rootfs {
+                    source: rootfs_source,
+                    fstype: "erofs".into(),
+                    writable_bytes: 0,
+                    readonly: false,
+                    // The size-limited tmpfs until the daemon manages
+                    // scratch disks per container.
+                    scratch_source: String::new(),
+                }),
+                process: Some(process),
+                mounts: mounts
+                    .iter()
+                    .map(|m| agent::Mount {
+                        destination: m.container_path.clone(),
+                        source: m.host_path.clone(),
+                        r#type: "bind".into(),
+                        options: vec![if m.readonly { "ro" } else { "rw" }.into()],
+                    })
+                    .collect(),
+                resources,
+                security: Some(agent::Security {
+                    privileged: security.privileged,
+                    no_new_privileges: security.no_new_privs,
+                    readonly_rootfs: security.readonly_rootfs,
+                    seccomp_runtime_default,
+                    masked_paths: security.masked_paths.clone(),
+                    readonly_paths: security.readonly_paths.clone(),
+                    share_pod_pid_namespace: srec.pid_mode
+                        == k8s_cri::v1::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                sysctls: Default::default(),
+                hostname: srec.hostname.clone(),
+            })
+            .await
+            .map_err(CriError::agent("CreateContainer"))?;
+        let rec = ContainerRecord {
+            id: id.clone(),
+            sandbox_id: srec.id.clone(),
+            name: meta.name,
+            attempt: meta.attempt,
+            labels: config.labels.into_iter().collect(),
+            annotations: config.annotations.into_iter().collect(),
+            image: image_ref,
+            image_id: image.id,
+            state: ContainerState::Created,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            log_path: log_path
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            mounts,
+            exec_base,
+        };
+        if let Err(e) = self.state.save_container(&rec) {
+            let _ = agent_client
+                .remove_container(agent::RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await;
+            return Err(e.into());
+        }
+        lock(&self.containers).insert(
+            id.clone(),
+            Arc::new(Container {
+                rec: Mutex::new(rec.clone()),
+                log: Mutex::new(None),
+            }),
+        );
+        self.emit(&rec, ContainerEventType::ContainerCreatedEvent);
+        tracing::info!(container = %id, sandbox = %srec.id, "container created");
+        Ok(CreateContainerResponse { container_id: id })
+    }
+
+    /// The container's log file: the pod's log directory joined with the
+    /// relative path the kubelet chose, inside the configured log root.
+    fn log_path(&self, directory: &str, relative: &str) -> Result<Option<PathBuf>, CriError> {
+        if directory.is_empty() || relative.is_empty() {
+            return Ok(None);
+        }
+        let dir = Path::new(directory);
+        let rel = Path::new(relative);
+        let plain = |p: &Path| {
+            p.components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::RootDir))
+        };
+        if !dir.is_absolute() || !plain(dir) || rel.is_absolute() || !plain(rel) {
+            return Err(CriError::InvalidArgument(format!(
+                "log path {directory:?} + {relative:?} must be an absolute directory and a relative path without '..'"
+            )));
+        }
+        if !dir.starts_with(&self.config.log_dir_root) {
+            return Err(CriError::InvalidArgument(format!(
+                "log directory {directory:?} is outside the configured log_dir_root {}",
+                self.config.log_dir_root.display()
+            )));
+        }
+        Ok(Some(dir.join(rel)))
+    }
+}
+
+fn mounts(config: &ContainerConfig) -> Result<Vec<MountRecord>, CriError> {
+    config
+        .mounts
+        .iter()
+        .map(|m| {
+            let abs = |p: &str| Path::new(p).is_absolute() && !p.split('/').any(|c| c == "..");
+            if !abs(&m.container_path) || !abs(&m.host_path) {
+                return Err(CriError::InvalidArgument(format!(
+                    "mount {:?} → {:?}: both paths must be absolute without '..'",
+                    m.host_path, m.container_path
+                )));
+            }
+            if std::fs::symlink_metadata(&m.host_path).is_err() {
+                return Err(CriError::InvalidArgument(format!(
+                    "mount source {:?} does not exist",
+                    m.host_path
+                )));
+            }
+            Ok(MountRecord {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.readonly,
+            })
+        })
+        .collect()
+}
+
+/// The process: command/args merged with the image's entrypoint/cmd exactly
+/// as containerd does (Docker's rules): a command replaces the entrypoint and
+/// drops the image's cmd; args alone replace only the cmd.
+pub(super) fn merge_args(
+    command: &[String],
+    args: &[String],
+    image: &ImageConfig,
+) -> Result<Vec<String>, CriError> {
+    let mut out: Vec<String> = command.to_vec();
+    let mut args = args.to_vec();
+    if command.is_empty() {
+        if args.is_empty() {
+            args = image.cmd.clone();
+        }
+        if !(image.entrypoint.len() == 1 && image.entrypoint[0].is_empty()) {
+            out = image.entrypoint.clone();
+        }
+    }
+    out.extend(args);
+    if out.is_empty() {
+        return Err(CriError::InvalidArgument(
+            "no command: neither the request nor the image names one".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Image env first, then the request's, a later key replacing an earlier one.
+pub(super) fn merge_env(image: &[String], request: &[k8s_cri::v1::KeyValue]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut set = |kv: String| {
+        let key = kv.split('=').next().unwrap_or_default().to_string();
+        if let Some(slot) = out
+            .iter_mut()
+            .find(|e| e.split('=').next() == Some(key.as_str()))
+        {
+            *slot = kv;
+        } else {
+            out.push(kv);
+        }
+    };
+    for e in image {
+        set(e.clone());
+    }
+    for kv in request {
+        set(format!("{}={}", kv.key, kv.value));
+    }
+    out
+}
+
+/// The user: the security context wins, then the image's USER.
+pub(super) fn user(
+    sc: &k8s_cri::v1::LinuxContainerSecurityContext,
+    image_user: &str,
+) -> Result<agent::User, CriError> {
+    let mut user = agent::User {
+        additional_gids: sc
+            .supplemental_groups
+            .iter()
+            .map(|&g| id32(g))
+            .collect::<Result<_, _>>()?,
+        ..Default::default()
+    };
+    if !sc.run_as_username.is_empty() {
+        user.username = sc.run_as_username.clone();
+    } else if let Some(uid) = &sc.run_as_user {
+        user.uid = id32(uid.value)?;
+    } else if !image_user.is_empty() {
+        let (name, group) = match image_user.split_once(':') {
+            Some((n, g)) => (n, Some(g)),
+            None => (image_user, None),
+        };
+        match name.parse::<u32>() {
+            Ok(uid) => user.uid = uid,
+            Err(_) => user.username = name.to_string(),
+        }
+        if let Some(g) = group {
+            user.gid = Some(g.parse::<u32>().map_err(|_| {
+                CriError::InvalidArgument(format!(
+                    "image user {image_user:?}: group names are not supported, only numeric gids"
+                ))
+            })?);
+        }
+    }
+    if let Some(gid) = &sc.run_as_group {
+        user.gid = Some(id32(gid.value)?);
+    }
+    Ok(user)
+}
+
+fn id32(v: i64) -> Result<u32, CriError> {
+    u32::try_from(v).map_err(|_| CriError::InvalidArgument(format!("ID {v} out of range")))
+}
+
+fn process(
+    config: &ContainerConfig,
+    image: &ImageConfig,
+    sc: &k8s_cri::v1::LinuxContainerSecurityContext,
+) -> Result<agent::Process, CriError> {
+    if config.tty || config.stdin {
+        return Err(CriError::Unimplemented(
+            "tty and stdin containers need attach, which the streaming server (a later issue) provides"
+                .into(),
+        ));
+    }
+    Ok(agent::Process {
+        args: merge_args(&config.command, &config.args, image)?,
+        env: merge_env(&image.env, &config.envs),
+        cwd: if config.working_dir.is_empty() {
+            image.working_dir.clone()
+        } else {
+            config.working_dir.clone()
+        },
+        user: Some(user(sc, &image.user)?),
+        terminal: false,
+        stdin: false,
+    })
+}
+
+pub(super) fn resources(r: &k8s_cri::v1::LinuxContainerResources) -> agent::Resources {
+    agent::Resources {
+        cpu_shares: u64::try_from(r.cpu_shares).unwrap_or(0),
+        cpu_quota: r.cpu_quota,
+        cpu_period: u64::try_from(r.cpu_period).unwrap_or(0),
+        memory_limit: r.memory_limit_in_bytes,
+        pids_limit: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn args_follow_the_kubernetes_rules() {
+        let img = ImageConfig {
+            entrypoint: v(&["/entry"]),
+            cmd: v(&["default"]),
+            ..Default::default()
+        };
+        assert_eq!(
+            merge_args(&[], &[], &img).unwrap(),
+            v(&["/entry", "default"])
+        );
+        assert_eq!(
+            merge_args(&[], &v(&["a"]), &img).unwrap(),
+            v(&["/entry", "a"])
+        );
+        assert_eq!(merge_args(&v(&["sh"]), &[], &img).unwrap(), v(&["sh"]));
+        assert_eq!(
+            merge_args(&v(&["sh"]), &v(&["-c", "x"]), &img).unwrap(),
+            v(&["sh", "-c", "x"])
+        );
+        let cmd_only = ImageConfig {
+            cmd: v(&["sh"]),
+            ..Default::default()
+        };
+        assert_eq!(merge_args(&[], &[], &cmd_only).unwrap(), v(&["sh"]));
+        assert!(merge_args(&[], &[], &ImageConfig::default()).is_err());
+    }
+
+    #[test]
+    fn request_env_overrides_image_env() {
+        let env = merge_env(
+            &v(&["PATH=/bin", "A=1"]),
+            &[k8s_cri::v1::KeyValue {
+                key: "A".into(),
+                value: "2=x".into(),
+            }],
+        );
+        assert_eq!(env, v(&["PATH=/bin", "A=2=x"]));
+    }
+
+    #[test]
+    fn user_from_context_or_image() {
+        let none = k8s_cri::v1::LinuxContainerSecurityContext::default();
+        let u = user(&none, "1000:50").unwrap();
+        assert_eq!((u.uid, u.gid, u.username.as_str()), (1000, Some(50), ""));
+        let u = user(&none, "nobody").unwrap();
+        assert_eq!(u.username, "nobody");
+        assert!(user(&none, "a:staff").is_err());
+        let sc = k8s_cri::v1::LinuxContainerSecurityContext {
+            run_as_user: Some(k8s_cri::v1::Int64Value { value: 7 }),
+            run_as_group: Some(k8s_cri::v1::Int64Value { value: 8 }),
+            ..Default::default()
+        };
+        let u = user(&sc, "nobody").unwrap();
+        assert_eq!((u.uid, u.gid, u.username.as_str()), (7, Some(8), ""));
+    }
+}

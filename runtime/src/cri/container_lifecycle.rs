@@ -1,0 +1,356 @@
+//! StartContainer, StopContainer, RemoveContainer, ReopenContainerLog,
+//! UpdateContainerResources, and the task per running container that waits
+//! for its exit and records it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_cri::v1::{
+    ContainerEventType, RemoveContainerRequest, RemoveContainerResponse, ReopenContainerLogRequest,
+    ReopenContainerLogResponse, StartContainerRequest, StartContainerResponse,
+    StopContainerRequest, StopContainerResponse, UpdateContainerResourcesRequest,
+    UpdateContainerResourcesResponse,
+};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use vmpod_proto::v1 as agent;
+use vmpod_proto::v1::agent_client::AgentClient;
+
+use super::logs::{self, LogStream, LogWriter};
+use super::store::ContainerState;
+use super::{Container, Cri, CriError, lock, now_ns};
+
+/// After SIGKILL, how long a process gets to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// One WaitProcess call of the exit watcher; it calls again after this.
+const WAIT_SLICE: Duration = Duration::from_secs(3600);
+/// How long the exit watcher lets the log pumps drain after the exit.
+const LOG_DRAIN: Duration = Duration::from_secs(5);
+
+impl Cri {
+    pub(super) async fn start_container(
+        self: &Arc<Self>,
+        req: StartContainerRequest,
+    ) -> Result<StartContainerResponse, CriError> {
+        let container = self.container(&req.container_id)?;
+        let rec = container.rec();
+        let sandbox = self.sandbox(&rec.sandbox_id)?;
+        let _op = sandbox.op.lock().await;
+        let state = lock(&container.rec).state;
+        if state != ContainerState::Created {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {} is {state:?}, not Created",
+                rec.id
+            )));
+        }
+        let mut client = sandbox.agent()?;
+        let writer = if rec.log_path.is_empty() {
+            None
+        } else {
+            Some(
+                LogWriter::open(rec.log_path.clone().into())
+                    .await
+                    .map_err(|e| {
+                        CriError::Internal(format!("opening the log {}: {e}", rec.log_path))
+                    })?,
+            )
+        };
+        client
+            .start_container(agent::StartContainerRequest {
+                container_id: rec.id.clone(),
+            })
+            .await
+            .map_err(CriError::agent("StartContainer"))?;
+        let mut pumps = Vec::new();
+        for (stream, which) in [
+            (
+                LogStream::Stdout,
+                agent::read_output_request::Stream::Stdout,
+            ),
+            (
+                LogStream::Stderr,
+                agent::read_output_request::Stream::Stderr,
+            ),
+        ] {
+            let mut req = tonic::Request::new(agent::ReadOutputRequest {
+                container_id: rec.id.clone(),
+                exec_id: String::new(),
+                stream: which as i32,
+            });
+            // The stream lasts as long as the container: no call deadline
+            // beyond a generous bound (the agent ends it at exit).
+            req.set_timeout(Duration::from_secs(365 * 24 * 3600));
+            match client.read_output(req).await {
+                Ok(chunks) => {
+                    let chunks = chunks.into_inner();
+                    let writer = writer.clone();
+                    pumps.push(tokio::spawn(async move {
+                        match writer {
+                            Some(w) => logs::pump(stream, chunks, w).await,
+                            None => drain(chunks).await,
+                        }
+                    }));
+                }
+                Err(status) => {
+                    tracing::warn!(container = %rec.id, ?stream, %status, "cannot read the container's output")
+                }
+            }
+        }
+        *lock(&container.log) = writer;
+        let rec = {
+            let mut r = lock(&container.rec);
+            r.state = ContainerState::Running;
+            r.started_at = now_ns();
+            r.clone()
+        };
+        self.state.save_container(&rec)?;
+        self.emit(&rec, ContainerEventType::ContainerStartedEvent);
+        self.watch_exit_with(container, client, pumps);
+        tracing::info!(container = %rec.id, "container started");
+        Ok(StartContainerResponse {})
+    }
+
+    /// Watches a running container adopted after a restart.
+    pub(super) fn watch_exit(
+        self: &Arc<Self>,
+        container: Arc<Container>,
+        client: AgentClient<Channel>,
+    ) {
+        self.watch_exit_with(container, client, Vec::new());
+    }
+
+    fn watch_exit_with(
+        self: &Arc<Self>,
+        container: Arc<Container>,
+        mut client: AgentClient<Channel>,
+        pumps: Vec<JoinHandle<()>>,
+    ) {
+        let cri = Arc::clone(self);
+        tokio::spawn(async move {
+            let id = lock(&container.rec).id.clone();
+            let exit = loop {
+                let mut req = tonic::Request::new(agent::WaitProcessRequest {
+                    container_id: id.clone(),
+                    exec_id: String::new(),
+                });
+                req.set_timeout(WAIT_SLICE);
+                match client.wait_process(req).await {
+                    Ok(r) => break Ok(r.into_inner()),
+                    // tonic reports its own client-side deadline as Cancelled.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(s) => break Err(s),
+                }
+            };
+            for p in pumps {
+                let _ = tokio::time::timeout(LOG_DRAIN, p).await;
+            }
+            let rec = {
+                let mut r = lock(&container.rec);
+                if r.state != ContainerState::Running {
+                    return;
+                }
+                r.state = ContainerState::Exited;
+                match exit {
+                    Ok(e) => {
+                        r.exit_code = e.exit_code;
+                        r.finished_at = if e.exited_at > 0 {
+                            e.exited_at
+                        } else {
+                            now_ns()
+                        };
+                        r.reason = if e.oom_killed {
+                            "OOMKilled"
+                        } else if e.exit_code == 0 {
+                            "Completed"
+                        } else {
+                            "Error"
+                        }
+                        .into();
+                    }
+                    Err(status) => {
+                        r.exit_code = 255;
+                        r.finished_at = now_ns();
+                        r.reason = "Unknown".into();
+                        r.message = format!("lost the container's agent: {}", status.message());
+                    }
+                }
+                r.clone()
+            };
+            lock(&container.log).take();
+            if let Err(e) = cri.state.save_container(&rec) {
+                tracing::warn!(container = %id, error = %super::error_chain(&e), "persisting the exit");
+            }
+            cri.emit(&rec, ContainerEventType::ContainerStoppedEvent);
+            tracing::info!(container = %id, exit_code = rec.exit_code, reason = %rec.reason, "container exited");
+        });
+    }
+
+    pub(super) async fn stop_container(
+        &self,
+        req: StopContainerRequest,
+    ) -> Result<StopContainerResponse, CriError> {
+        let container = self.container(&req.container_id)?;
+        let rec = container.rec();
+        if rec.state != ContainerState::Running {
+            return Ok(StopContainerResponse {});
+        }
+        let sandbox = self.sandbox(&rec.sandbox_id)?;
+        let Ok(mut client) = sandbox.agent() else {
+            return Ok(StopContainerResponse {});
+        };
+        let timeout = Duration::from_secs(u64::try_from(req.timeout).unwrap_or(0));
+        let mut exited = false;
+        if !timeout.is_zero() {
+            let _ = self.signal(&mut client, &rec.id, libc::SIGTERM).await;
+            exited = self.wait_gone(&mut client, &rec.id, timeout).await;
+        }
+        if !exited {
+            let _ = self.signal(&mut client, &rec.id, libc::SIGKILL).await;
+            if !self.wait_gone(&mut client, &rec.id, KILL_WAIT).await {
+                return Err(CriError::DeadlineExceeded(format!(
+                    "container {} did not exit {KILL_WAIT:?} after SIGKILL",
+                    rec.id
+                )));
+            }
+        }
+        // The exit watcher records the exit; give it a moment so the status
+        // the kubelet reads next says EXITED.
+        for _ in 0..200 {
+            if lock(&container.rec).state != ContainerState::Running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(StopContainerResponse {})
+    }
+
+    async fn signal(
+        &self,
+        client: &mut AgentClient<Channel>,
+        id: &str,
+        signal: i32,
+    ) -> Result<(), tonic::Status> {
+        client
+            .signal_process(agent::SignalProcessRequest {
+                container_id: id.into(),
+                exec_id: String::new(),
+                signal: signal.unsigned_abs(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Waits for the container's process to exit, up to `timeout`.
+    async fn wait_gone(
+        &self,
+        client: &mut AgentClient<Channel>,
+        id: &str,
+        timeout: Duration,
+    ) -> bool {
+        let mut req = tonic::Request::new(agent::WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: String::new(),
+        });
+        req.set_timeout(timeout);
+        match client.wait_process(req).await {
+            Ok(_) => true,
+            Err(s) => s.code() == tonic::Code::NotFound,
+        }
+    }
+
+    pub(super) async fn remove_container(
+        &self,
+        req: RemoveContainerRequest,
+    ) -> Result<RemoveContainerResponse, CriError> {
+        let container = match self.container(&req.container_id) {
+            Ok(c) => c,
+            Err(CriError::NotFound(_)) => return Ok(RemoveContainerResponse {}),
+            Err(e) => return Err(e),
+        };
+        let rec = container.rec();
+        if let Ok(sandbox) = self.sandbox(&rec.sandbox_id) {
+            let _op = sandbox.op.lock().await;
+            if let Ok(mut client) = sandbox.agent() {
+                // The agent kills what still runs and releases the rootfs.
+                match client
+                    .remove_container(agent::RemoveContainerRequest {
+                        container_id: rec.id.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => return Err(CriError::agent("RemoveContainer")(s)),
+                }
+            }
+        }
+        {
+            let mut r = lock(&container.rec);
+            if r.state == ContainerState::Running {
+                r.state = ContainerState::Exited;
+                r.finished_at = now_ns();
+                r.exit_code = 137;
+                r.reason = "Error".into();
+            }
+        }
+        lock(&container.log).take();
+        self.state.delete_container(&rec.sandbox_id, &rec.id);
+        lock(&self.containers).remove(&rec.id);
+        self.emit(&container.rec(), ContainerEventType::ContainerDeletedEvent);
+        tracing::info!(container = %rec.id, "container removed");
+        Ok(RemoveContainerResponse {})
+    }
+
+    pub(super) async fn reopen_container_log(
+        &self,
+        req: ReopenContainerLogRequest,
+    ) -> Result<ReopenContainerLogResponse, CriError> {
+        let container = self.container(&req.container_id)?;
+        let writer = lock(&container.log).clone();
+        let Some(writer) = writer else {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {} is not running or has no log",
+                req.container_id
+            )));
+        };
+        writer
+            .reopen()
+            .await
+            .map_err(|e| CriError::Internal(format!("reopening the log: {e}")))?;
+        Ok(ReopenContainerLogResponse {})
+    }
+
+    pub(super) async fn update_container_resources(
+        &self,
+        req: UpdateContainerResourcesRequest,
+    ) -> Result<UpdateContainerResourcesResponse, CriError> {
+        let container = self.container(&req.container_id)?;
+        let rec = container.rec();
+        let sandbox = self.sandbox(&rec.sandbox_id)?;
+        let Some(linux) = req.linux else {
+            return Ok(UpdateContainerResourcesResponse {});
+        };
+        sandbox
+            .agent()?
+            .update_container(agent::UpdateContainerRequest {
+                container_id: rec.id,
+                resources: Some(super::container_create::resources(&linux)),
+            })
+            .await
+            .map_err(CriError::agent("UpdateContainer"))?;
+        Ok(UpdateContainerResourcesResponse {})
+    }
+}
+
+/// Reads and drops a stream nobody logs, so the container never blocks on
+/// a full pipe.
+async fn drain(mut chunks: tonic::Streaming<agent::OutputChunk>) {
+    while let Ok(Some(_)) = chunks.message().await {}
+}

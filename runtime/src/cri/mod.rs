@@ -1,0 +1,258 @@
+//! The CRI v1 RuntimeService.
+//!
+//! Layers, as in containerd's `internal/cri`: [`service`] is the thin tonic
+//! impl; every call goes through [`service::instrument`] (span, latency,
+//! error → Status in one place) into one module per RPC (`sandbox_run.rs`,
+//! `container_create.rs`, ...), which work on the [`Cri`] runtime and its
+//! stores ([`store`]).
+
+pub mod config;
+mod container_create;
+mod container_lifecycle;
+mod container_query;
+mod events;
+mod exec_sync;
+pub mod host_sandbox;
+pub mod image;
+pub mod logs;
+pub mod run_cli;
+mod runtime_info;
+mod sandbox_lifecycle;
+mod sandbox_query;
+mod sandbox_run;
+pub mod serve;
+pub mod service;
+mod stats;
+pub mod store;
+pub mod vm_sandbox;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+use tonic::transport::Channel;
+use vmpod_proto::v1::agent_client::AgentClient;
+
+use config::Config;
+use image::ImageResolver;
+use logs::LogWriter;
+use store::{ContainerRecord, SandboxRecord, StateDir};
+
+/// Errors of CRI calls; [`CriError::to_status`] is the one place they
+/// become gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Internal(String),
+    /// An agent call failed; its code is kept.
+    #[error("agent {what}: {}", .status.message())]
+    Agent { what: String, status: tonic::Status },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    HostSandbox(#[from] host_sandbox::HostSandboxError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("the agent cannot be reached")]
+    AgentUnreachable(#[source] crate::agent_client::AgentClientError),
+}
+
+impl CriError {
+    /// The gRPC status the kubelet sees.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            CriError::NotFound(_) => Code::NotFound,
+            CriError::InvalidArgument(_) => Code::InvalidArgument,
+            CriError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CriError::AlreadyExists(_) => Code::AlreadyExists,
+            CriError::Unimplemented(_) => Code::Unimplemented,
+            CriError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            CriError::Agent { status, .. } => status.code(),
+            CriError::Image(image::ImageError::NotFound(_)) => Code::NotFound,
+            CriError::AgentUnreachable(_) => Code::Unavailable,
+            CriError::Internal(_)
+            | CriError::Store(_)
+            | CriError::HostSandbox(_)
+            | CriError::Image(_) => Code::Internal,
+        };
+        tonic::Status::new(code, error_chain(self))
+    }
+
+    fn agent(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> CriError {
+        let what = what.into();
+        move |status| CriError::Agent { what, status }
+    }
+}
+
+/// An error with its causes, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// A sandbox in memory.
+#[derive(Debug)]
+pub struct Sandbox {
+    rec: Mutex<SandboxRecord>,
+    /// Serializes lifecycle calls on this sandbox and its containers.
+    op: tokio::sync::Mutex<()>,
+    agent: Mutex<Option<AgentClient<Channel>>>,
+}
+
+/// A container in memory.
+#[derive(Debug)]
+pub struct Container {
+    rec: Mutex<ContainerRecord>,
+    log: Mutex<Option<LogWriter>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Sandbox {
+    fn rec(&self) -> SandboxRecord {
+        lock(&self.rec).clone()
+    }
+
+    fn agent(&self) -> Result<AgentClient<Channel>, CriError> {
+        lock(&self.agent).clone().ok_or_else(|| {
+            CriError::FailedPrecondition(format!(
+                "sandbox {} is not ready (its agent is gone)",
+                lock(&self.rec).id
+            ))
+        })
+    }
+}
+
+impl Container {
+    fn rec(&self) -> ContainerRecord {
+        lock(&self.rec).clone()
+    }
+}
+
+/// The runtime: configuration, stores, image resolver, event stream.
+pub struct Cri {
+    config: Config,
+    state: StateDir,
+    images: Arc<dyn ImageResolver>,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    events: broadcast::Sender<k8s_cri::v1::ContainerEventResponse>,
+}
+
+impl std::fmt::Debug for Cri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cri")
+            .field("state_dir", &self.config.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cri {
+    /// A runtime with nothing adopted yet (see [`Cri::adopt`]).
+    pub fn new(config: Config, images: Arc<dyn ImageResolver>) -> Arc<Cri> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Cri {
+            state: StateDir::new(&config.state_dir),
+            config,
+            images,
+            sandboxes: Mutex::new(HashMap::new()),
+            containers: Mutex::new(HashMap::new()),
+            events,
+        })
+    }
+
+    fn sandbox(&self, id: &str) -> Result<Arc<Sandbox>, CriError> {
+        let id = self.resolve_id(id, true)?;
+        lock(&self.sandboxes)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CriError::NotFound(format!("pod sandbox {id:?} not found")))
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, CriError> {
+        let id = self.resolve_id(id, false)?;
+        lock(&self.containers)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CriError::NotFound(format!("container {id:?} not found")))
+    }
+
+    /// Full IDs, or a unique prefix of one (as crictl users type them).
+    fn resolve_id(&self, id: &str, sandbox: bool) -> Result<String, CriError> {
+        if id.is_empty() {
+            return Err(CriError::InvalidArgument("an ID is required".into()));
+        }
+        let keys: Vec<String> = if sandbox {
+            lock(&self.sandboxes).keys().cloned().collect()
+        } else {
+            lock(&self.containers).keys().cloned().collect()
+        };
+        if keys.iter().any(|k| k == id) {
+            return Ok(id.to_string());
+        }
+        let mut matches = keys.into_iter().filter(|k| k.starts_with(id));
+        match (matches.next(), matches.next()) {
+            (Some(one), None) => Ok(one),
+            (Some(_), Some(_)) => Err(CriError::InvalidArgument(format!(
+                "ID prefix {id:?} is ambiguous"
+            ))),
+            _ => Ok(id.to_string()),
+        }
+    }
+
+    fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<Container>> {
+        lock(&self.containers)
+            .values()
+            .filter(|c| lock(&c.rec).sandbox_id == sandbox_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// A fresh random 64-hex-digit ID.
+fn new_id() -> Result<String, CriError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| CriError::Internal(format!("reading /dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Unix nanoseconds now.
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whether a label set matches a selector (all of its pairs).
+fn labels_match(
+    labels: &std::collections::BTreeMap<String, String>,
+    selector: &HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

@@ -1,0 +1,306 @@
+//! RunPodSandbox: checks the pod's isolation against the handler's policy,
+//! then (host backend) makes the network namespace, starts the agent in it
+//! and configures the pod through SetupSandbox. Each step registers its undo;
+//! a failure runs them in reverse, so nothing leaks.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
+
+use super::config::Backend;
+use super::host_sandbox::{self, AgentLaunch};
+use super::store::{SandboxRecord, SandboxState};
+use super::vm_sandbox;
+use super::{Cri, CriError, Sandbox, new_id, now_ns};
+use crate::agent_client;
+
+/// How long a new host agent has to answer Health.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Cri {
+    pub(super) async fn run_pod_sandbox(
+        &self,
+        req: RunPodSandboxRequest,
+    ) -> Result<RunPodSandboxResponse, CriError> {
+        let config = req
+            .config
+            .ok_or_else(|| CriError::InvalidArgument("config is required".into()))?;
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| CriError::InvalidArgument("metadata is required".into()))?;
+        if meta.name.is_empty() || meta.namespace.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "metadata.name and metadata.namespace are required".into(),
+            ));
+        }
+        let (handler_name, handler) =
+            self.config.handler(&req.runtime_handler).ok_or_else(|| {
+                CriError::NotFound(format!(
+                    "runtime handler {:?} is not configured",
+                    req.runtime_handler
+                ))
+            })?;
+        let handler_name = handler_name.to_string();
+        let handler = handler.clone();
+        // Same metadata → the same pod; the kubelet must remove the old
+        // one first (as containerd reserves names).
+        let duplicate = super::lock(&self.sandboxes).values().any(|s| {
+            let r = super::lock(&s.rec);
+            r.name == meta.name
+                && r.namespace == meta.namespace
+                && r.uid == meta.uid
+                && r.attempt == meta.attempt
+        });
+        if duplicate {
+            return Err(CriError::AlreadyExists(format!(
+                "pod {}/{} attempt {} already exists",
+                meta.namespace, meta.name, meta.attempt
+            )));
+        }
+
+        let security = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.clone())
+            .unwrap_or_default();
+        let ns = security.namespace_options.unwrap_or_default();
+        let host_network = ns.network == NamespaceMode::Node as i32;
+        let host_pid = ns.pid == NamespaceMode::Node as i32;
+        let host_ipc = ns.ipc == NamespaceMode::Node as i32;
+        let policy = &self.config.host;
+        let refuse = |what: &str| {
+            Err(CriError::FailedPrecondition(format!(
+                "the pod asks for {what}, which handler {handler_name:?} does not allow \
+                 (vmpod never downgrades isolation silently; see [host] in the config)"
+            )))
+        };
+        let host_backend = handler.backend == Backend::Host;
+        if host_network && !(host_backend && policy.allow_host_network) {
+            return refuse("the node's network namespace");
+        }
+        if host_pid && !(host_backend && policy.allow_host_pid) {
+            return refuse("the node's PID namespace");
+        }
+        if host_ipc && !(host_backend && policy.allow_host_ipc) {
+            return refuse("the node's IPC namespace");
+        }
+        if security.privileged && !(host_backend && policy.allow_privileged) {
+            return refuse("privileged mode");
+        }
+        if host_pid || host_ipc {
+            return Err(CriError::Unimplemented(
+                "the node's PID and IPC namespaces are allowed by the config but not \
+                 implemented by the host backend yet"
+                    .into(),
+            ));
+        }
+
+        let id = new_id()?;
+        let dir = self.state.sandbox_dir(&id);
+        let hostname = if config.hostname.is_empty() {
+            meta.name.clone()
+        } else {
+            config.hostname.clone()
+        };
+        let rec = SandboxRecord {
+            id: id.clone(),
+            name: meta.name,
+            uid: meta.uid,
+            namespace: meta.namespace,
+            attempt: meta.attempt,
+            labels: config.labels.into_iter().collect(),
+            annotations: config.annotations.into_iter().collect(),
+            runtime_handler: req.runtime_handler,
+            resolved_handler: handler_name,
+            state: SandboxState::Ready,
+            created_at: now_ns(),
+            log_directory: config.log_directory,
+            hostname: hostname.clone(),
+            agent_pid: None,
+            agent_socket: self.state.socket_dir(&id).join("agent.sock"),
+            netns: (host_backend && !host_network).then(|| dir.join("netns")),
+            cgroup_parent: format!("/vmpod/{id}"),
+            host_network,
+            pid_mode: ns.pid,
+            ipc_mode: ns.ipc,
+            backend: String::from(if host_backend { "host" } else { "vm" }),
+            vmm_pid: None,
+            vsock_pid: None,
+            image_disks: Default::default(),
+            pid_starts: Default::default(),
+        };
+        let mut undo = Rollback::default();
+        let result = if host_backend {
+            self.start_host_sandbox(rec, config.dns_config, config.linux, &mut undo)
+                .await
+        } else {
+            self.start_vm_sandbox(rec, &handler, config.dns_config, config.linux, &mut undo)
+                .await
+        };
+        match result {
+            Ok(sandbox) => {
+                super::lock(&self.sandboxes).insert(id.clone(), Arc::new(sandbox));
+                tracing::info!(sandbox = %id, "pod sandbox ready");
+                Ok(RunPodSandboxResponse { pod_sandbox_id: id })
+            }
+            Err(e) => {
+                undo.run().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_host_sandbox(
+        &self,
+        mut rec: SandboxRecord,
+        dns: Option<k8s_cri::v1::DnsConfig>,
+        linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
+        undo: &mut Rollback,
+    ) -> Result<Sandbox, CriError> {
+        let dir = self.state.sandbox_dir(&rec.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
+        undo.push(Step::RemoveDir(dir.clone()));
+        self.make_socket_dir(&rec.id, undo)?;
+        if let Some(netns) = &rec.netns {
+            host_sandbox::create_netns(netns)?;
+            undo.push(Step::RemoveNetns(netns.clone()));
+        }
+        let binary = self.config.agent_binary();
+        let pid = host_sandbox::spawn_agent(&AgentLaunch {
+            binary: &binary,
+            socket: &rec.agent_socket,
+            state_dir: &dir.join("agent"),
+            cgroup_parent: &rec.cgroup_parent,
+            netns: rec.netns.as_deref(),
+            log: &dir.join("agent.log"),
+        })?;
+        undo.push(Step::KillAgent(pid, rec.cgroup_parent.clone()));
+        rec.agent_pid = Some(pid);
+        rec.note_pid(pid);
+        let agent = agent_client::connect_ready(&rec.agent_addr(), AGENT_READY_TIMEOUT)
+            .await
+            .map_err(CriError::AgentUnreachable)?;
+        self.setup(rec, agent, dns, linux).await
+    }
+
+    async fn start_vm_sandbox(
+        &self,
+        mut rec: SandboxRecord,
+        handler: &super::config::Handler,
+        dns: Option<k8s_cri::v1::DnsConfig>,
+        linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
+        undo: &mut Rollback,
+    ) -> Result<Sandbox, CriError> {
+        let dir = self.state.sandbox_dir(&rec.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
+        undo.push(Step::RemoveDir(dir.clone()));
+        let sockets = self.make_socket_dir(&rec.id, undo)?;
+        let images = self.images.list();
+        let vm = vm_sandbox::start(&dir, &sockets, handler, &images)?;
+        undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
+        rec.vmm_pid = Some(vm.vmm_pid);
+        rec.vsock_pid = Some(vm.vsock_pid);
+        rec.note_pid(vm.vmm_pid);
+        rec.note_pid(vm.vsock_pid);
+        rec.agent_socket = vm.uds;
+        rec.image_disks = vm.image_disks;
+        let agent = agent_client::connect_ready(&rec.agent_addr(), vm_sandbox::BOOT_TIMEOUT)
+            .await
+            .map_err(|e| {
+                CriError::Internal(format!(
+                    "the pod VM's agent did not answer: {}\nconsole:\n{}",
+                    super::error_chain(&e),
+                    vm_sandbox::console_tail(&dir)
+                ))
+            })?;
+        self.setup(rec, agent, dns, linux).await
+    }
+
+    /// Creates the sandbox's socket dir (it must be new: its name is a
+    /// prefix of the ID).
+    fn make_socket_dir(
+        &self,
+        id: &str,
+        undo: &mut Rollback,
+    ) -> Result<std::path::PathBuf, CriError> {
+        let sockets = self.state.socket_dir(id);
+        if let Some(parent) = sockets.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| CriError::Internal(format!("creating {}: {e}", parent.display())))?;
+        }
+        std::fs::create_dir(&sockets)
+            .map_err(|e| CriError::Internal(format!("creating {}: {e}", sockets.display())))?;
+        undo.push(Step::RemoveDir(sockets.clone()));
+        Ok(sockets)
+    }
+
+    /// SetupSandbox, then the record is persisted: the sandbox exists.
+    async fn setup(
+        &self,
+        rec: SandboxRecord,
+        mut agent: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+        dns: Option<k8s_cri::v1::DnsConfig>,
+        linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
+    ) -> Result<Sandbox, CriError> {
+        let dns = dns.unwrap_or_default();
+        agent
+            .setup_sandbox(vmpod_proto::v1::SetupSandboxRequest {
+                hostname: rec.hostname.clone(),
+                dns_servers: dns.servers,
+                dns_searches: dns.searches,
+                dns_options: dns.options,
+                sysctls: linux.map(|l| l.sysctls).unwrap_or_default(),
+            })
+            .await
+            .map_err(CriError::agent("SetupSandbox"))?;
+        self.state.save_sandbox(&rec)?;
+        Ok(Sandbox {
+            rec: Mutex::new(rec),
+            op: tokio::sync::Mutex::new(()),
+            agent: Mutex::new(Some(agent)),
+        })
+    }
+}
+
+/// One undo step of a half-made sandbox.
+#[derive(Debug)]
+enum Step {
+    RemoveDir(std::path::PathBuf),
+    RemoveNetns(std::path::PathBuf),
+    KillAgent(i32, String),
+    KillVm(i32, i32),
+}
+
+/// Undo steps, run in reverse on failure.
+#[derive(Debug, Default)]
+struct Rollback(Vec<Step>);
+
+impl Rollback {
+    fn push(&mut self, step: Step) {
+        self.0.push(step);
+    }
+
+    async fn run(self) {
+        for step in self.0.into_iter().rev() {
+            tracing::debug!(?step, "rolling back");
+            match step {
+                Step::RemoveDir(dir) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Step::RemoveNetns(path) => host_sandbox::remove_netns(&path),
+                Step::KillVm(vmm, vsock) => {
+                    host_sandbox::end_process(vmm, Duration::ZERO).await;
+                    host_sandbox::end_process(vsock, Duration::ZERO).await;
+                }
+                Step::KillAgent(pid, cgroup_parent) => {
+                    host_sandbox::end_process(pid, Duration::ZERO).await;
+                    host_sandbox::remove_cgroups(&cgroup_parent).await;
+                }
+            }
+        }
+    }
+}

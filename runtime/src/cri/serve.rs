@@ -1,0 +1,81 @@
+//! `vmpod serve`: the CRI socket, the runtime, graceful shutdown.
+//!
+//! Shutdown (SIGTERM/SIGINT) stops serving and leaves every pod running: the
+//! next daemon re-adopts them from the state dir.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+
+use super::Cri;
+use super::config::Config;
+use super::image::{ImageResolver, StaticImages};
+use super::service::CriService;
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("preparing the socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the static images")]
+    Images(#[source] super::image::ImageError),
+    #[error("serving gRPC")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// The CRI socket's permissions: owner and group (the kubelet's).
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// Serves the CRI on `socket` until SIGTERM or SIGINT.
+pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
+    let images: Arc<dyn ImageResolver> =
+        Arc::new(StaticImages::load(&config.static_images).map_err(ServeError::Images)?);
+    let cri = Cri::new(config, images);
+    cri.adopt().await;
+    let sock_err = |source| ServeError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(sock_err(e)),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(socket).map_err(sock_err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(sock_err)?;
+    tracing::info!(socket = %socket.display(), "serving CRI v1");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(CriService::new(cri)))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .map_err(ServeError::Serve)?;
+    let _ = std::fs::remove_file(socket);
+    tracing::info!("stopped serving; pods keep running");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon still serves; it then ends
+        // only by SIGKILL, which it survives by design (state on disk).
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,197 @@
+//! ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats
+//! from the agent's cgroup figures.
+
+use k8s_cri::v1::{
+    ContainerAttributes, ContainerMetadata, ContainerStats, ContainerStatsRequest,
+    ContainerStatsResponse, CpuUsage, FilesystemIdentifier, FilesystemUsage, LinuxPodSandboxStats,
+    ListContainerStatsRequest, ListContainerStatsResponse, ListPodSandboxStatsRequest,
+    ListPodSandboxStatsResponse, MemoryUsage, PodSandboxAttributes, PodSandboxMetadata,
+    PodSandboxStats, PodSandboxStatsRequest, PodSandboxStatsResponse, UInt64Value,
+};
+use vmpod_proto::v1 as agent;
+
+use super::store::{ContainerRecord, ContainerState};
+use super::{Cri, CriError, labels_match, lock};
+
+impl Cri {
+    async fn stats_of(&self, rec: &ContainerRecord) -> Result<ContainerStats, CriError> {
+        let attributes = Some(ContainerAttributes {
+            id: rec.id.clone(),
+            metadata: Some(ContainerMetadata {
+                name: rec.name.clone(),
+                attempt: rec.attempt,
+            }),
+            labels: rec.labels.clone().into_iter().collect(),
+            annotations: rec.annotations.clone().into_iter().collect(),
+        });
+        if rec.state != ContainerState::Running {
+            return Ok(ContainerStats {
+                attributes,
+                ..Default::default()
+            });
+        }
+        let s = self
+            .sandbox(&rec.sandbox_id)?
+            .agent()?
+            .stats(agent::StatsRequest {
+                container_id: rec.id.clone(),
+            })
+            .await
+            .map_err(CriError::agent("Stats"))?
+            .into_inner();
+        let v = |value| Some(UInt64Value { value });
+        Ok(ContainerStats {
+            attributes,
+            cpu: Some(CpuUsage {
+                timestamp: s.timestamp,
+                usage_core_nano_seconds: v(s.cpu_usage_ns),
+                ..Default::default()
+            }),
+            memory: Some(MemoryUsage {
+                timestamp: s.timestamp,
+                working_set_bytes: v(s.memory_working_set_bytes),
+                usage_bytes: v(s.memory_usage_bytes),
+                ..Default::default()
+            }),
+            writable_layer: Some(FilesystemUsage {
+                timestamp: s.timestamp,
+                fs_id: Some(FilesystemIdentifier {
+                    mountpoint: String::from("/"),
+                }),
+                used_bytes: v(s.writable_bytes_used),
+                inodes_used: v(s.writable_inodes_used),
+            }),
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn container_stats(
+        &self,
+        req: ContainerStatsRequest,
+    ) -> Result<ContainerStatsResponse, CriError> {
+        let rec = self.container(&req.container_id)?.rec();
+        Ok(ContainerStatsResponse {
+            stats: Some(self.stats_of(&rec).await?),
+        })
+    }
+
+    pub(super) async fn list_container_stats(
+        &self,
+        req: ListContainerStatsRequest,
+    ) -> Result<ListContainerStatsResponse, CriError> {
+        let filter = req.filter.unwrap_or_default();
+        let recs: Vec<ContainerRecord> = lock(&self.containers)
+            .values()
+            .map(|c| c.rec())
+            .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
+            .filter(|r| {
+                filter.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&filter.pod_sandbox_id)
+            })
+            .filter(|r| labels_match(&r.labels, &filter.label_selector))
+            .collect();
+        let mut stats = Vec::new();
+        for r in &recs {
+            // A container that exits between listing and sampling is not
+            // an error of the whole call.
+            if let Ok(s) = self.stats_of(r).await {
+                stats.push(s);
+            }
+        }
+        Ok(ListContainerStatsResponse { stats })
+    }
+
+    /// A pod's stats: its containers' figures and their sums (the pod has
+    /// no cgroup of its own on the host yet).
+    async fn pod_stats_of(&self, id: &str) -> Result<PodSandboxStats, CriError> {
+        let rec = self.sandbox(id)?.rec();
+        let mut containers = Vec::new();
+        for c in self.containers_of(&rec.id) {
+            let r = c.rec();
+            if r.state == ContainerState::Running
+                && let Ok(s) = self.stats_of(&r).await
+            {
+                containers.push(s);
+            }
+        }
+        let now = super::now_ns();
+        let sum = |f: &dyn Fn(&ContainerStats) -> Option<u64>| {
+            Some(UInt64Value {
+                value: containers.iter().filter_map(f).sum(),
+            })
+        };
+        let cpu = CpuUsage {
+            timestamp: now,
+            usage_core_nano_seconds: sum(&|c| {
+                c.cpu
+                    .as_ref()?
+                    .usage_core_nano_seconds
+                    .as_ref()
+                    .map(|v| v.value)
+            }),
+            ..Default::default()
+        };
+        let memory = MemoryUsage {
+            timestamp: now,
+            working_set_bytes: sum(&|c| {
+                c.memory
+                    .as_ref()?
+                    .working_set_bytes
+                    .as_ref()
+                    .map(|v| v.value)
+            }),
+            usage_bytes: sum(&|c| c.memory.as_ref()?.usage_bytes.as_ref().map(|v| v.value)),
+            ..Default::default()
+        };
+        Ok(PodSandboxStats {
+            attributes: Some(PodSandboxAttributes {
+                id: rec.id.clone(),
+                metadata: Some(PodSandboxMetadata {
+                    name: rec.name.clone(),
+                    uid: rec.uid.clone(),
+                    namespace: rec.namespace.clone(),
+                    attempt: rec.attempt,
+                }),
+                labels: rec.labels.clone().into_iter().collect(),
+                annotations: rec.annotations.clone().into_iter().collect(),
+            }),
+            linux: Some(LinuxPodSandboxStats {
+                cpu: Some(cpu),
+                memory: Some(memory),
+                containers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn pod_sandbox_stats(
+        &self,
+        req: PodSandboxStatsRequest,
+    ) -> Result<PodSandboxStatsResponse, CriError> {
+        Ok(PodSandboxStatsResponse {
+            stats: Some(self.pod_stats_of(&req.pod_sandbox_id).await?),
+        })
+    }
+
+    pub(super) async fn list_pod_sandbox_stats(
+        &self,
+        req: ListPodSandboxStatsRequest,
+    ) -> Result<ListPodSandboxStatsResponse, CriError> {
+        let filter = req.filter.unwrap_or_default();
+        let ids: Vec<String> = lock(&self.sandboxes)
+            .values()
+            .map(|s| s.rec())
+            .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
+            .filter(|r| labels_match(&r.labels, &filter.label_selector))
+            .map(|r| r.id)
+            .collect();
+        let mut stats = Vec::new();
+        for id in ids {
+            // A pod removed meanwhile is not an error of the whole call.
+            if let Ok(s) = self.pod_stats_of(&id).await {
+                stats.push(s);
+            }
+        }
+        Ok(ListPodSandboxStatsResponse { stats })
+    }
+}

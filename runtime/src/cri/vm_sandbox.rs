@@ -1,0 +1,145 @@
+//! The VM sandbox backend on the `qemu` hypervisor: one QEMU microvm per
+//! pod, vsock through its own `vhost-device-vsock` (the hybrid-vsock socket
+//! `<state dir>/s/<ID prefix>/vsock.sock`), the agent as PID 1 of the guest.
+//!
+//! Both processes run in their own sessions with their output in files of
+//! the sandbox dir, so they outlive a daemon restart and are re-adopted.
+//!
+//! Images: QEMU's microvm machine cannot hot-add disks, so every image the
+//! resolver knows when the pod boots is attached as a read-only virtio-blk
+//! disk (serial `img<N>`); a container of an image that came later gets
+//! FailedPrecondition. Hot-plugged block slots are the `vmpod` VMM's job.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::CriError;
+use super::config::{Accel, Handler, Hypervisor};
+use super::host_sandbox;
+use super::image::ResolvedImage;
+use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostVsock};
+
+/// The guest's vsock context ID (each pod has its own vhost-device-vsock).
+const GUEST_CID: u32 = 3;
+/// How long vhost-device-vsock gets to create its socket.
+const VSOCK_START: Duration = Duration::from_secs(10);
+/// How long the guest gets to boot and answer Health (TCG is slow).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Processes and disks of a started VM.
+#[derive(Debug)]
+pub struct StartedVm {
+    pub vmm_pid: i32,
+    pub vsock_pid: i32,
+    /// The hybrid-vsock socket.
+    pub uds: std::path::PathBuf,
+    /// Image ID → disk serial.
+    pub image_disks: BTreeMap<String, String>,
+}
+
+/// Starts vhost-device-vsock and QEMU for a pod in `dir`. On error nothing
+/// started here is left running.
+pub fn start(
+    dir: &Path,
+    sockets: &Path,
+    handler: &Handler,
+    images: &[ResolvedImage],
+) -> Result<StartedVm, CriError> {
+    if handler.hypervisor == Some(Hypervisor::Vmpod) {
+        return Err(CriError::Unimplemented(
+            "the vmpod hypervisor is not wired into the CRI server yet; use hypervisor = \"qemu\""
+                .into(),
+        ));
+    }
+    let kernel = handler
+        .kernel
+        .clone()
+        .unwrap_or_else(|| "/usr/lib/vmpod/vmlinux".into());
+    let initramfs = handler
+        .initramfs
+        .clone()
+        .unwrap_or_else(|| "/usr/lib/vmpod/initramfs.cpio".into());
+    for f in [&kernel, &initramfs] {
+        if !f.is_file() {
+            return Err(CriError::FailedPrecondition(format!(
+                "the guest image file {} is missing",
+                f.display()
+            )));
+        }
+    }
+    let vhost_socket = sockets.join("vhost.sock");
+    let uds = sockets.join("vsock.sock");
+    let mut vsock_cmd = std::process::Command::new(VhostVsock::binary());
+    vsock_cmd
+        .arg("--guest-cid")
+        .arg(GUEST_CID.to_string())
+        .arg("--socket")
+        .arg(&vhost_socket)
+        .arg("--uds-path")
+        .arg(&uds);
+    let vsock_pid =
+        host_sandbox::spawn_detached(vsock_cmd, None, &dir.join("vhost-device-vsock.log"))?;
+    let deadline = Instant::now() + VSOCK_START;
+    while !vhost_socket.exists() {
+        if !host_sandbox::alive(vsock_pid) || Instant::now() >= deadline {
+            kill(vsock_pid);
+            return Err(CriError::Internal(format!(
+                "vhost-device-vsock did not create {} (see {})",
+                vhost_socket.display(),
+                dir.join("vhost-device-vsock.log").display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut cfg = QemuConfig::new(
+        kernel,
+        initramfs,
+        match handler.accel.unwrap_or(Accel::Kvm) {
+            Accel::Kvm => qemu::Accel::Kvm,
+            Accel::Tcg => qemu::Accel::Tcg,
+        },
+    );
+    cfg.vcpus = handler.vcpus.unwrap_or(1);
+    cfg.memory_mib = handler.memory_mib.unwrap_or(256);
+    cfg.vhost_user_vsock = Some(vhost_socket);
+    let mut image_disks = BTreeMap::new();
+    for (i, img) in images.iter().enumerate() {
+        let serial = format!("img{i}");
+        cfg.disks.push(QemuDisk {
+            path: img.erofs_path.clone(),
+            read_only: true,
+            serial: serial.clone(),
+        });
+        image_disks.insert(img.id.clone(), serial);
+    }
+    let vmm_pid = match host_sandbox::spawn_detached(cfg.command(), None, &dir.join("console.log"))
+    {
+        Ok(pid) => pid,
+        Err(e) => {
+            kill(vsock_pid);
+            return Err(e.into());
+        }
+    };
+    Ok(StartedVm {
+        vmm_pid,
+        vsock_pid,
+        uds,
+        image_disks,
+    })
+}
+
+/// SIGKILLs a process we started (no wait).
+pub fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// The last lines of the guest console, for error messages.
+pub fn console_tail(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

@@ -1,0 +1,1016 @@
+//! The CRI server end to end on the host backend: a real `vmpod serve`, the
+//! real agent, the demo busybox image, driven with the `k8s-cri` client as
+//! the kubelet would. Needs root (namespaces, loop devices, cgroups).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_cri::v1::*;
+use tonic::Code;
+use vmpod_tests::cri::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_and_container_lifecycle_with_logs_and_exec() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+
+    let version = cri
+        .version(VersionRequest::default())
+        .await
+        .expect("Version")
+        .into_inner();
+    assert_eq!(
+        (
+            version.runtime_name.as_str(),
+            version.runtime_api_version.as_str()
+        ),
+        ("vmpod", "v1")
+    );
+    let st = cri
+        .status(StatusRequest::default())
+        .await
+        .expect("Status")
+        .into_inner();
+    let conditions = st.status.expect("status").conditions;
+    assert!(conditions.iter().all(|c| c.status), "{conditions:?}");
+
+    let pod = run_pod(&mut cri, pod_config(&d, "web", &[])).await;
+    let pst = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner();
+    let s = pst.status.expect("status");
+    assert_eq!(s.state, PodSandboxState::SandboxReady as i32);
+    assert!(s.created_at > 0);
+    assert_eq!(s.metadata.expect("metadata").name, "web");
+    let ns = s
+        .linux
+        .and_then(|l| l.namespaces)
+        .and_then(|n| n.options)
+        .expect("namespaces");
+    assert_eq!(ns.network, NamespaceMode::Pod as i32);
+    assert!(pst.info["info"].contains("netns"), "{:?}", pst.info);
+
+    // The image's cmd is `sh`; the request's command replaces it.
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config(
+            "main",
+            &["sh", "-c"],
+            &["trap '' TERM; echo hello; echo oops >&2; hostname; cat /etc/resolv.conf; while :; do sleep 1; done"],
+        ),
+    )
+    .await;
+    assert_eq!(
+        status(&mut cri, &c).await.state,
+        ContainerState::ContainerCreated as i32
+    );
+    start(&mut cri, &c).await;
+    let st = status(&mut cri, &c).await;
+    assert_eq!(st.state, ContainerState::ContainerRunning as i32);
+    assert!(st.started_at >= st.created_at && st.created_at > 0);
+    assert_eq!(st.image.as_ref().map(|i| i.image.as_str()), Some(BUSYBOX));
+    let log = d.log_root().join("web/main/0.log");
+    assert_eq!(st.log_path, log.display().to_string());
+
+    // hello, oops, the hostname and three resolv.conf lines.
+    let lines = log_lines(&log, 6).await;
+    let mut saw = HashMap::new();
+    for line in &lines {
+        let (ts, stream, tag, msg) = parse_record(line);
+        assert!(
+            ts.ends_with('Z') && ts.contains('T') && ts.contains('.'),
+            "{line}"
+        );
+        assert_eq!(tag, "F", "{line}");
+        saw.insert(msg.to_string(), stream.to_string());
+    }
+    assert_eq!(
+        saw.get("hello").map(String::as_str),
+        Some("stdout"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        saw.get("oops").map(String::as_str),
+        Some("stderr"),
+        "{lines:?}"
+    );
+    let lines = log_lines(&log, 5).await;
+    assert!(
+        lines.iter().any(|l| l.ends_with(" web-host")),
+        "hostname from the pod: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.ends_with("nameserver 10.0.0.53")),
+        "DNS from the pod: {lines:?}"
+    );
+
+    let r = exec(
+        &mut cri,
+        &c,
+        &["sh", "-c", "echo out; echo err >&2; exit 7"],
+        10,
+    )
+    .await
+    .expect("ExecSync");
+    assert_eq!(
+        (r.exit_code, r.stdout.as_slice(), r.stderr.as_slice()),
+        (7, &b"out\n"[..], &b"err\n"[..])
+    );
+    // The container's env reaches execs (PATH from the image).
+    let r = exec(&mut cri, &c, &["sh", "-c", "echo $PATH"], 10)
+        .await
+        .expect("ExecSync");
+    assert!(String::from_utf8_lossy(&r.stdout).contains("/bin"), "{r:?}");
+    let timed_out = exec(&mut cri, &c, &["sleep", "30"], 1).await;
+    assert_eq!(
+        timed_out.expect_err("must time out").code(),
+        Code::DeadlineExceeded
+    );
+
+    let stats = cri
+        .container_stats(ContainerStatsRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .is_some_and(|v| v.value > 0)
+    );
+    let pod_stats = cri
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .and_then(|s| s.linux)
+        .expect("linux pod stats");
+    assert_eq!(pod_stats.containers.len(), 1);
+    assert!(
+        pod_stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .is_some_and(|v| v.value > 0)
+    );
+    let listed = cri
+        .list_container_stats(ListContainerStatsRequest::default())
+        .await
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    assert_eq!(listed.len(), 1);
+    let listed = cri
+        .list_pod_sandbox_stats(ListPodSandboxStatsRequest::default())
+        .await
+        .expect("ListPodSandboxStats")
+        .into_inner()
+        .stats;
+    assert_eq!(listed.len(), 1);
+    cri.update_container_resources(UpdateContainerResourcesRequest {
+        container_id: c.clone(),
+        linux: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("UpdateContainerResources");
+
+    // Rotation: move the file away, reopen, new output lands in a new file.
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    cri.reopen_container_log(ReopenContainerLogRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .expect("ReopenContainerLog");
+    assert!(log.exists(), "ReopenContainerLog recreates the file");
+
+    // The shell ignores SIGTERM: the timeout ends in SIGKILL.
+    cri.stop_container(StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 1,
+    })
+    .await
+    .expect("StopContainer");
+    let st = wait_exited(&mut cri, &c).await;
+    assert_eq!((st.exit_code, st.reason.as_str()), (137, "Error"));
+    assert!(st.finished_at >= st.started_at);
+    cri.stop_container(StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 1,
+    })
+    .await
+    .expect("StopContainer is idempotent");
+
+    cri.remove_container(RemoveContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .expect("RemoveContainer");
+    cri.remove_container(RemoveContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .expect("RemoveContainer is idempotent");
+    assert_eq!(
+        cri.container_status(ContainerStatusRequest {
+            container_id: c.clone(),
+            verbose: false
+        })
+        .await
+        .expect_err("gone")
+        .code(),
+        Code::NotFound
+    );
+
+    stop_remove_pod(&mut cri, &pod).await;
+    stop_remove_pod(&mut cri, &pod).await; // idempotent
+    let items = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(items.is_empty(), "{items:?}");
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_codes_reasons_oom_and_containers_after_exit() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "jobs", &[])).await;
+
+    let ok = create(&mut cri, &pod, container_config("ok", &["true"], &[])).await;
+    let bad = create(
+        &mut cri,
+        &pod,
+        container_config("bad", &["sh", "-c", "exit 3"], &[]),
+    )
+    .await;
+    start(&mut cri, &ok).await;
+    start(&mut cri, &bad).await;
+    let s = wait_exited(&mut cri, &ok).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
+    let s = wait_exited(&mut cri, &bad).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"));
+    assert_eq!(
+        cri.start_container(StartContainerRequest {
+            container_id: bad.clone()
+        })
+        .await
+        .expect_err("an exited container cannot start again")
+        .code(),
+        Code::FailedPrecondition
+    );
+
+    let mut hog = container_config("hog", &["tail", "-c", "150000000", "/dev/zero"], &[]);
+    hog.linux = Some(LinuxContainerConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hog = create(&mut cri, &pod, hog).await;
+    start(&mut cri, &hog).await;
+    let s = wait_exited(&mut cri, &hog).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"));
+
+    // After others exited and one was removed, a new container still runs
+    // in the same pod, next to a second one.
+    cri.remove_container(RemoveContainerRequest {
+        container_id: ok.clone(),
+    })
+    .await
+    .expect("remove");
+    let a = create(
+        &mut cri,
+        &pod,
+        container_config("a", &["sleep", "1000"], &[]),
+    )
+    .await;
+    let b = create(
+        &mut cri,
+        &pod,
+        container_config("b", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &a).await;
+    start(&mut cri, &b).await;
+    // Both share the pod's network namespace, each its own PID namespace.
+    let ra = exec(&mut cri, &a, &["readlink", "/proc/self/ns/net"], 10)
+        .await
+        .expect("exec a");
+    let rb = exec(&mut cri, &b, &["readlink", "/proc/self/ns/net"], 10)
+        .await
+        .expect("exec b");
+    assert_eq!(ra.stdout, rb.stdout);
+    assert!(!ra.stdout.is_empty());
+
+    // Removing the pod removes its containers, running ones included.
+    stop_remove_pod(&mut cri, &pod).await;
+    let left = cri
+        .list_containers(ListContainersRequest::default())
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    assert!(left.is_empty(), "{left:?}");
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_and_events() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+    let mut events = cri
+        .get_container_events(GetEventsRequest::default())
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
+
+    let p1 = run_pod(&mut cri, pod_config(&d, "one", &[("tier", "front")])).await;
+    let p2 = run_pod(&mut cri, pod_config(&d, "two", &[("tier", "back")])).await;
+    let c1 = create(
+        &mut cri,
+        &p1,
+        container_config("x", &["sleep", "1000"], &[]),
+    )
+    .await;
+    let c2 = create(
+        &mut cri,
+        &p2,
+        container_config("y", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c1).await;
+
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("an event in time")
+        .expect("event stream")
+        .expect("an event");
+    assert_eq!(
+        (ev.container_id.as_str(), ev.container_event_type),
+        (
+            c1.as_str(),
+            ContainerEventType::ContainerCreatedEvent as i32
+        )
+    );
+
+    let lister = cri.clone();
+    let pods = |f: PodSandboxFilter| {
+        let mut cri = lister.clone();
+        async move {
+            cri.list_pod_sandbox(ListPodSandboxRequest { filter: Some(f) })
+                .await
+                .expect("ListPodSandbox")
+                .into_inner()
+                .items
+                .into_iter()
+                .map(|p| p.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        pods(PodSandboxFilter {
+            label_selector: [("tier".to_string(), "back".to_string())].into(),
+            ..Default::default()
+        })
+        .await,
+        vec![p2.clone()]
+    );
+    assert_eq!(
+        pods(PodSandboxFilter {
+            id: p1[..12].to_string(),
+            ..Default::default()
+        })
+        .await,
+        vec![p1.clone()]
+    );
+
+    let containers = |f: ContainerFilter| {
+        let mut cri = lister.clone();
+        async move {
+            cri.list_containers(ListContainersRequest { filter: Some(f) })
+                .await
+                .expect("ListContainers")
+                .into_inner()
+                .containers
+                .into_iter()
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        containers(ContainerFilter {
+            pod_sandbox_id: p2.clone(),
+            ..Default::default()
+        })
+        .await,
+        vec![c2.clone()]
+    );
+    assert_eq!(
+        containers(ContainerFilter {
+            state: Some(ContainerStateValue {
+                state: ContainerState::ContainerRunning as i32
+            }),
+            ..Default::default()
+        })
+        .await,
+        vec![c1.clone()]
+    );
+    assert_eq!(
+        containers(ContainerFilter {
+            label_selector: [("app".to_string(), "y".to_string())].into(),
+            ..Default::default()
+        })
+        .await,
+        vec![c2.clone()]
+    );
+    assert_eq!(
+        containers(ContainerFilter {
+            id: c1.clone(),
+            ..Default::default()
+        })
+        .await,
+        vec![c1.clone()]
+    );
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: p1.clone(),
+    })
+    .await
+    .expect("stop");
+    assert_eq!(
+        pods(PodSandboxFilter {
+            state: Some(PodSandboxStateValue {
+                state: PodSandboxState::SandboxNotready as i32
+            }),
+            ..Default::default()
+        })
+        .await,
+        vec![p1.clone()]
+    );
+    // The running container of a stopped pod is exited.
+    assert_eq!(
+        status(&mut cri, &c1).await.state,
+        ContainerState::ContainerExited as i32
+    );
+    stop_remove_pod(&mut cri, &p1).await;
+    stop_remove_pod(&mut cri, &p2).await;
+    assert_no_leaks(&d, &[p1, p2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn error_codes() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+
+    assert_eq!(
+        code(cri.run_pod_sandbox(RunPodSandboxRequest::default()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod_config(&d, "h", &[])),
+                runtime_handler: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    // Isolation is never downgraded: host network needs the config's consent.
+    let mut hostnet = pod_config(&d, "hostnet", &[]);
+    hostnet.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert_eq!(
+        code(
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(hostnet.clone()),
+                runtime_handler: String::new()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    let mut privileged = pod_config(&d, "priv", &[]);
+    privileged.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert_eq!(
+        code(
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(privileged),
+                runtime_handler: String::new()
+            })
+            .await
+        ),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod_config(&d, "v", &[])),
+                runtime_handler: "vmpod".into()
+            })
+            .await
+        ),
+        Code::Unimplemented
+    );
+
+    assert_eq!(
+        code(
+            cri.container_status(ContainerStatusRequest {
+                container_id: "f00".into(),
+                verbose: false
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            cri.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: "f00".into(),
+                verbose: false
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: "f00".into(),
+    })
+    .await
+    .expect("stopping an unknown pod is fine");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: "f00".into(),
+    })
+    .await
+    .expect("removing an unknown pod is fine");
+
+    let pod = run_pod(&mut cri, pod_config(&d, "errs", &[])).await;
+    assert_eq!(
+        code(
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod_config(&d, "errs", &[])),
+                runtime_handler: String::new()
+            })
+            .await
+        ),
+        Code::AlreadyExists
+    );
+    let mut missing_image = container_config("m", &["true"], &[]);
+    missing_image.image = Some(ImageSpec {
+        image: "localhost/none:1".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(missing_image),
+                sandbox_config: None
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    let mut escape = container_config("e", &["true"], &[]);
+    escape.log_path = "../../etc/x.log".into();
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(escape),
+                sandbox_config: None
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let c = create(&mut cri, &pod, container_config("dup", &["true"], &[])).await;
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config("dup", &["true"], &[])),
+                sandbox_config: None
+            })
+            .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            cri.exec_sync(ExecSyncRequest {
+                container_id: c.clone(),
+                cmd: vec!["true".into()],
+                timeout: 5
+            })
+            .await
+        ),
+        Code::FailedPrecondition,
+        "exec in a container that is not running"
+    );
+    assert_eq!(
+        code(
+            cri.exec(ExecRequest {
+                container_id: c.clone(),
+                cmd: vec!["sh".into()],
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Unimplemented
+    );
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("stop");
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config("late", &["true"], &[])),
+                sandbox_config: None
+            })
+            .await
+        ),
+        Code::FailedPrecondition,
+        "no new containers in a stopped pod"
+    );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_network_when_allowed() {
+    let d = Daemon::start("[host]\nallow_host_network = true\n");
+    let mut cri = d.client().await;
+    let mut config = pod_config(&d, "hostnet", &[]);
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = run_pod(&mut cri, config).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("n", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let r = exec(&mut cri, &c, &["readlink", "/proc/self/ns/net"], 10)
+        .await
+        .expect("exec");
+    let host = std::fs::read_link("/proc/self/ns/net").expect("our netns");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        host.display().to_string()
+    );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_readopts_running_pods() {
+    let mut d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "survivor", &[("keep", "yes")])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("s", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let done = create(
+        &mut cri,
+        &pod,
+        container_config("d", &["sh", "-c", "exit 4"], &[]),
+    )
+    .await;
+    start(&mut cri, &done).await;
+    wait_exited(&mut cri, &done).await;
+
+    d.kill9_and_restart();
+    let mut cri = d.client().await;
+    let items = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(
+        (items[0].id.as_str(), items[0].state),
+        (pod.as_str(), PodSandboxState::SandboxReady as i32)
+    );
+    assert_eq!(
+        status(&mut cri, &c).await.state,
+        ContainerState::ContainerRunning as i32
+    );
+    let s = status(&mut cri, &done).await;
+    assert_eq!(
+        (s.state, s.exit_code),
+        (ContainerState::ContainerExited as i32, 4)
+    );
+    let r = exec(&mut cri, &c, &["echo", "still here"], 10)
+        .await
+        .expect("ExecSync after restart");
+    assert_eq!(r.stdout, b"still here\n");
+
+    // The adopted container's exit is still noticed.
+    cri.stop_container(StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("StopContainer");
+    assert_eq!(wait_exited(&mut cri, &c).await.exit_code, 137);
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_lines_are_split_into_partial_records() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "long", &[])).await;
+    // 40000 'a's then a newline: P (16384) + P (16384) + F (7232).
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config(
+            "l",
+            &["sh", "-c", "head -c 40000 /dev/zero | tr '\\0' a; echo"],
+            &[],
+        ),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    wait_exited(&mut cri, &c).await;
+    let lines = log_lines(&d.log_root().join("long/l/0.log"), 3).await;
+    let parsed: Vec<(&str, usize)> = lines
+        .iter()
+        .map(|l| {
+            let (_, _, tag, msg) = parse_record(l);
+            (tag, msg.len())
+        })
+        .collect();
+    assert_eq!(
+        parsed,
+        [("P", 16384), ("P", 16384), ("F", 40000 - 2 * 16384)]
+    );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_pods_at_once() {
+    let d = Daemon::start("");
+    let cri = d.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut cri = cri.clone();
+        let config = pod_config(&d, &format!("many{i}"), &[]);
+        tasks.push(tokio::spawn(async move {
+            let pod = run_pod(&mut cri, config).await;
+            let c = create(
+                &mut cri,
+                &pod,
+                container_config("c", &["sleep", "1000"], &[]),
+            )
+            .await;
+            start(&mut cri, &c).await;
+            let r = exec(&mut cri, &c, &["hostname"], 30).await.expect("exec");
+            (pod, String::from_utf8_lossy(&r.stdout).trim().to_string())
+        }));
+    }
+    let mut pods = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (pod, hostname) = t.await.expect("task");
+        assert_eq!(
+            hostname,
+            format!("many{i}-host"),
+            "each pod has its own UTS namespace"
+        );
+        pods.push(pod);
+    }
+    let mut cri = d.client().await;
+    let listed = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert_eq!(listed.len(), 20);
+    let mut removals = Vec::new();
+    for pod in &pods {
+        let mut cri = cri.clone();
+        let pod = pod.clone();
+        removals.push(tokio::spawn(async move {
+            stop_remove_pod(&mut cri, &pod).await
+        }));
+    }
+    for r in removals {
+        r.await.expect("removal");
+    }
+    assert_no_leaks(&d, &pods);
+}
+
+/// Open fds of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_remove_cycles_leak_nothing() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+    let mut pods = Vec::new();
+    let cycle = |i: usize| {
+        let mut cri = cri.clone();
+        let config = pod_config(&d, &format!("cycle{i}"), &[]);
+        async move {
+            let pod = run_pod(&mut cri, config).await;
+            let c = create(&mut cri, &pod, container_config("c", &["echo", "x"], &[])).await;
+            start(&mut cri, &c).await;
+            wait_exited(&mut cri, &c).await;
+            cri.remove_container(RemoveContainerRequest { container_id: c })
+                .await
+                .expect("remove");
+            stop_remove_pod(&mut cri, &pod).await;
+            pod
+        }
+    };
+    for i in 0..5 {
+        pods.push(cycle(i).await);
+    }
+    let fds = fd_count(d.pid());
+    for i in 5..200 {
+        pods.push(cycle(i).await);
+    }
+    let after = fd_count(d.pid());
+    // A few fds come and go with gRPC connections; a leak grows with the
+    // 195 cycles.
+    assert!(
+        after <= fds + 4,
+        "the daemon's fds grew from {fds} to {after}"
+    );
+    assert_no_leaks(&d, &pods);
+    let items = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(items.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_leaves_pods_running() {
+    let mut d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "calm", &[])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("c", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    d.terminate_and_restart();
+    let mut cri = d.client().await;
+    let r = exec(&mut cri, &c, &["echo", "alive"], 10)
+        .await
+        .expect("exec after SIGTERM restart");
+    assert_eq!(r.stdout, b"alive\n");
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vmpod_run_prints_output_and_exit_code() {
+    let d = Daemon::start("");
+    let out = tokio::process::Command::new(vmpod_binary())
+        .arg("run")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--log-root")
+        .arg(d.log_root())
+        .arg("--timeout")
+        .arg("60")
+        .arg(BUSYBOX)
+        .args(["--", "sh", "-c", "echo hi; echo err >&2; exit 3"])
+        .output()
+        .await
+        .expect("running vmpod run");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(out.stdout, b"hi\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("err"),
+        "{out:?}"
+    );
+    let mut cri = d.client().await;
+    let items = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(items.is_empty(), "vmpod run removes its pod: {items:?}");
+    assert_no_leaks(&d, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_agent_makes_the_pod_notready_and_stop_cleans_up() {
+    let d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "doomed", &[])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("c", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let info = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .info;
+    let verbose: serde_json::Value = serde_json::from_str(&info["info"]).expect("verbose JSON");
+    let pid = verbose["pid"].as_i64().expect("the agent's pid") as i32;
+    // SAFETY: kill(2) takes plain integers; the PID is the test pod's agent.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = cri
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("status")
+            .into_inner()
+            .status
+            .expect("status")
+            .state;
+        if state == PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pod stayed READY");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The container the dead agent left behind is killed by StopPodSandbox
+    // (through the pod's cgroups) and nothing is left.
+    let s = wait_exited(&mut cri, &c).await;
+    assert_eq!(s.reason, "Unknown", "{s:?}");
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
