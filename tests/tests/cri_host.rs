@@ -13,6 +13,16 @@ use vmpod_tests::cri::*;
 async fn pod_and_container_lifecycle_with_logs_and_exec() {
     let d = Daemon::start("");
     let mut cri = d.client().await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o660,
+        "the CRI socket is for root and the kubelet's group"
+    );
 
     let version = cri
         .version(VersionRequest::default())
