@@ -82,6 +82,18 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Internal: copies one container's output into its CRI log (started
+    /// by `vmpod serve`, one per running container).
+    #[command(hide = true)]
+    LogPump {
+        /// unix:PATH or hybrid-vsock:PATH:PORT.
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        container: String,
+        #[arg(long)]
+        log: PathBuf,
+    },
     /// Run IMAGE in a new pod through a running `vmpod serve`, print its
     /// output, remove the pod, and exit with the container's exit code.
     Run {
@@ -139,6 +151,23 @@ enum AccelArg {
     Tcg,
 }
 
+/// The agent address as `AgentAddr`'s Display writes it.
+fn parse_agent_addr(s: &str) -> anyhow::Result<vmpod::agent_client::AgentAddr> {
+    use vmpod::agent_client::AgentAddr;
+    if let Some(path) = s.strip_prefix("unix:") {
+        return Ok(AgentAddr::Unix(path.into()));
+    }
+    if let Some(rest) = s.strip_prefix("hybrid-vsock:")
+        && let Some((uds, port)) = rest.rsplit_once(':')
+    {
+        return Ok(AgentAddr::HybridVsock {
+            uds: uds.into(),
+            port: port.parse().context("the vsock port")?,
+        });
+    }
+    anyhow::bail!("--agent {s:?}: expected unix:PATH or hybrid-vsock:PATH:PORT")
+}
+
 fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     tracing_subscriber::fmt()
@@ -178,6 +207,19 @@ fn main() -> anyhow::Result<()> {
                 }))
                 .context("vmpod run")?;
             std::process::exit(code);
+        }
+        Command::LogPump {
+            agent,
+            container,
+            log,
+        } => {
+            let addr = parse_agent_addr(&agent)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(vmpod::cri::log_pump::run(addr, container, log))
+                .context("log pump")?;
         }
         Command::Serve { socket, config } => {
             let cfg = match &config {

@@ -202,6 +202,14 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Log pumps and agents name the state dir on their command line.
+        for p in processes_mentioning(&self.state_dir()) {
+            if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) takes plain integers; the process belongs
+                // to this test's daemon (its command line names our dir).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let Ok(entries) = std::fs::read_dir(self.state_dir().join("sandboxes")) else {
             return;
         };

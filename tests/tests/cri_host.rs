@@ -13,6 +13,16 @@ use vmpod_tests::cri::*;
 async fn pod_and_container_lifecycle_with_logs_and_exec() {
     let d = Daemon::start("");
     let mut cri = d.client().await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o660,
+        "the CRI socket is for root and the kubelet's group"
+    );
 
     let version = cri
         .version(VersionRequest::default())
@@ -1011,6 +1021,48 @@ async fn a_dead_agent_makes_the_pod_notready_and_stop_cleans_up() {
     // (through the pod's cgroups) and nothing is left.
     let s = wait_exited(&mut cri, &c).await;
     assert_eq!(s.reason, "Unknown", "{s:?}");
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+/// Regression: a daemon restart used to drop the agent output streams,
+/// which closed the container's stdout pipe, and the next write killed the
+/// container with SIGPIPE. Logs must keep flowing across restarts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chatty_container_survives_a_restart_and_keeps_logging() {
+    let mut d = Daemon::start("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "chatty", &[])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config(
+            "c",
+            &[
+                "sh",
+                "-c",
+                "i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done",
+            ],
+            &[],
+        ),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let log = d.log_root().join("chatty/c/0.log");
+    log_lines(&log, 2).await;
+    d.kill9_and_restart();
+    let mut cri = d.client().await;
+    let before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status(&mut cri, &c).await.state,
+        ContainerState::ContainerRunning as i32,
+        "the container must survive the daemon's restart"
+    );
+    log_lines(&log, before + 3).await;
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }

@@ -170,6 +170,7 @@ impl Cri {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             mounts,
+            log_pump: None,
             exec_base,
         };
         if let Err(e) = self.state.save_container(&rec) {
@@ -184,7 +185,6 @@ impl Cri {
             id.clone(),
             Arc::new(Container {
                 rec: Mutex::new(rec.clone()),
-                log: Mutex::new(None),
             }),
         );
         self.emit(&rec, ContainerEventType::ContainerCreatedEvent);

@@ -11,12 +11,11 @@ use k8s_cri::v1::{
     StopContainerRequest, StopContainerResponse, UpdateContainerResourcesRequest,
     UpdateContainerResourcesResponse,
 };
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use vmpod_proto::v1 as agent;
 use vmpod_proto::v1::agent_client::AgentClient;
 
-use super::logs::{self, LogStream, LogWriter};
+use super::host_sandbox;
 use super::store::ContainerState;
 use super::{Container, Cri, CriError, lock, now_ns};
 
@@ -24,7 +23,9 @@ use super::{Container, Cri, CriError, lock, now_ns};
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// One WaitProcess call of the exit watcher; it calls again after this.
 const WAIT_SLICE: Duration = Duration::from_secs(3600);
-/// How long the exit watcher lets the log pumps drain after the exit.
+/// How long ReopenContainerLog waits for the new file.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// How long the exit watcher lets the log pump drain after the exit.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
 
 impl Cri {
@@ -44,86 +45,57 @@ impl Cri {
             )));
         }
         let mut client = sandbox.agent()?;
-        let writer = if rec.log_path.is_empty() {
-            None
-        } else {
-            Some(
-                LogWriter::open(rec.log_path.clone().into())
-                    .await
-                    .map_err(|e| {
-                        CriError::Internal(format!("opening the log {}: {e}", rec.log_path))
-                    })?,
-            )
-        };
         client
             .start_container(agent::StartContainerRequest {
                 container_id: rec.id.clone(),
             })
             .await
             .map_err(CriError::agent("StartContainer"))?;
-        let mut pumps = Vec::new();
-        for (stream, which) in [
-            (
-                LogStream::Stdout,
-                agent::read_output_request::Stream::Stdout,
-            ),
-            (
-                LogStream::Stderr,
-                agent::read_output_request::Stream::Stderr,
-            ),
-        ] {
-            let mut req = tonic::Request::new(agent::ReadOutputRequest {
-                container_id: rec.id.clone(),
-                exec_id: String::new(),
-                stream: which as i32,
-            });
-            // The stream lasts as long as the container: no call deadline
-            // beyond a generous bound (the agent ends it at exit).
-            req.set_timeout(Duration::from_secs(365 * 24 * 3600));
-            match client.read_output(req).await {
-                Ok(chunks) => {
-                    let chunks = chunks.into_inner();
-                    let writer = writer.clone();
-                    pumps.push(tokio::spawn(async move {
-                        match writer {
-                            Some(w) => logs::pump(stream, chunks, w).await,
-                            None => drain(chunks).await,
-                        }
-                    }));
-                }
-                Err(status) => {
-                    tracing::warn!(container = %rec.id, ?stream, %status, "cannot read the container's output")
-                }
-            }
-        }
-        *lock(&container.log) = writer;
+        // The output is copied by a process of its own, which outlives a
+        // daemon restart (see log_pump.rs). Without a log path it still
+        // drains the pipes, so the container never blocks on them.
+        let log = if rec.log_path.is_empty() {
+            "/dev/null".to_string()
+        } else {
+            rec.log_path.clone()
+        };
+        let srec = sandbox.rec();
+        let mut cmd = std::process::Command::new(
+            std::env::current_exe()
+                .map_err(|e| CriError::Internal(format!("locating the vmpod binary: {e}")))?,
+        );
+        cmd.arg("log-pump")
+            .arg("--agent")
+            .arg(srec.agent_addr().to_string())
+            .arg("--container")
+            .arg(&rec.id)
+            .arg("--log")
+            .arg(&log);
+        let pump = host_sandbox::spawn_detached(
+            cmd,
+            None,
+            &self.state.sandbox_dir(&srec.id).join("log-pumps.log"),
+        )?;
+        let pump_start = host_sandbox::start_time(pump).unwrap_or(0);
         let rec = {
             let mut r = lock(&container.rec);
             r.state = ContainerState::Running;
             r.started_at = now_ns();
+            r.log_pump = Some((pump, pump_start));
             r.clone()
         };
         self.state.save_container(&rec)?;
         self.emit(&rec, ContainerEventType::ContainerStartedEvent);
-        self.watch_exit_with(container, client, pumps);
+        self.watch_exit(container, client);
         tracing::info!(container = %rec.id, "container started");
         Ok(StartContainerResponse {})
     }
 
-    /// Watches a running container adopted after a restart.
+    /// Waits for a running container's exit and records it.
     pub(super) fn watch_exit(
         self: &Arc<Self>,
         container: Arc<Container>,
-        client: AgentClient<Channel>,
-    ) {
-        self.watch_exit_with(container, client, Vec::new());
-    }
-
-    fn watch_exit_with(
-        self: &Arc<Self>,
-        container: Arc<Container>,
         mut client: AgentClient<Channel>,
-        pumps: Vec<JoinHandle<()>>,
     ) {
         let cri = Arc::clone(self);
         tokio::spawn(async move {
@@ -148,8 +120,15 @@ impl Cri {
                     Err(s) => break Err(s),
                 }
             };
-            for p in pumps {
-                let _ = tokio::time::timeout(LOG_DRAIN, p).await;
+            // The log is complete when the status says exited: the pump
+            // ends once it has copied the last bytes.
+            let pump = lock(&container.rec).log_pump;
+            if let Some((pid, start)) = pump {
+                let deadline = std::time::Instant::now() + LOG_DRAIN;
+                while host_sandbox::same_process(pid, start) && std::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
             let rec = {
                 let mut r = lock(&container.rec);
@@ -183,7 +162,6 @@ impl Cri {
                 }
                 r.clone()
             };
-            lock(&container.log).take();
             if let Err(e) = cri.state.save_container(&rec) {
                 tracing::warn!(container = %id, error = %super::error_chain(&e), "persisting the exit");
             }
@@ -300,7 +278,11 @@ impl Cri {
                 r.reason = "Error".into();
             }
         }
-        lock(&container.log).take();
+        if let Some((pid, start)) = rec.log_pump
+            && host_sandbox::same_process(pid, start)
+        {
+            host_sandbox::end_process(pid, LOG_DRAIN).await;
+        }
         self.state.delete_container(&rec.sandbox_id, &rec.id);
         lock(&self.containers).remove(&rec.id);
         self.emit(&container.rec(), ContainerEventType::ContainerDeletedEvent);
@@ -312,18 +294,33 @@ impl Cri {
         &self,
         req: ReopenContainerLogRequest,
     ) -> Result<ReopenContainerLogResponse, CriError> {
-        let container = self.container(&req.container_id)?;
-        let writer = lock(&container.log).clone();
-        let Some(writer) = writer else {
+        let rec = self.container(&req.container_id)?.rec();
+        let pump = rec
+            .log_pump
+            .filter(|&(pid, start)| host_sandbox::same_process(pid, start));
+        let (Some((pid, _)), false) = (pump, rec.log_path.is_empty()) else {
             return Err(CriError::FailedPrecondition(format!(
                 "container {} is not running or has no log",
-                req.container_id
+                rec.id
             )));
         };
-        writer
-            .reopen()
-            .await
-            .map_err(|e| CriError::Internal(format!("reopening the log: {e}")))?;
+        let path = std::path::PathBuf::from(&rec.log_path);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .map_err(|e| CriError::Internal(format!("signalling the log pump: {e}")))?;
+        // The kubelet renamed the old file; the pump recreates the path.
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        while !path.exists() {
+            if std::time::Instant::now() >= deadline {
+                return Err(CriError::DeadlineExceeded(format!(
+                    "the log pump did not reopen {} within {REOPEN_WAIT:?}",
+                    path.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(ReopenContainerLogResponse {})
     }
 
@@ -347,10 +344,4 @@ impl Cri {
             .map_err(CriError::agent("UpdateContainer"))?;
         Ok(UpdateContainerResourcesResponse {})
     }
-}
-
-/// Reads and drops a stream nobody logs, so the container never blocks on
-/// a full pipe.
-async fn drain(mut chunks: tonic::Streaming<agent::OutputChunk>) {
-    while let Ok(Some(_)) = chunks.message().await {}
 }

@@ -38,6 +38,7 @@ impl LogStream {
 enum LogMsg {
     Record(Vec<u8>),
     Reopen(oneshot::Sender<std::io::Result<()>>),
+    Flush(oneshot::Sender<std::io::Result<()>>),
 }
 
 /// The handle to a container's log writer.
@@ -68,6 +69,9 @@ impl LogWriter {
                             tracing::warn!(path = %path.display(), error = %e, "writing a log record");
                         }
                     }
+                    LogMsg::Flush(reply) => {
+                        let _ = reply.send(file.flush().await);
+                    }
                     LogMsg::Reopen(reply) => {
                         let _ = file.flush().await;
                         let result = open_append(&path).await.map(|f| file = f);
@@ -85,6 +89,19 @@ impl LogWriter {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(LogMsg::Reopen(reply))
+            .await
+            .map_err(|_| std::io::Error::other("the log writer has ended"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the log writer has ended"))?
+    }
+
+    /// Waits until everything sent so far is in the file (tokio's File
+    /// writes in the background: a process that exits without this loses
+    /// its last records).
+    pub async fn flush(&self) -> std::io::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(LogMsg::Flush(reply))
             .await
             .map_err(|_| std::io::Error::other("the log writer has ended"))?;
         rx.await

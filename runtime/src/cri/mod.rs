@@ -14,6 +14,7 @@ mod events;
 mod exec_sync;
 pub mod host_sandbox;
 pub mod image;
+pub mod log_pump;
 pub mod logs;
 pub mod run_cli;
 mod runtime_info;
@@ -35,7 +36,6 @@ use vmpod_proto::v1::agent_client::AgentClient;
 
 use config::Config;
 use image::ImageResolver;
-use logs::LogWriter;
 use store::{ContainerRecord, SandboxRecord, StateDir};
 
 /// Errors of CRI calls; [`CriError::to_status`] is the one place they
@@ -122,7 +122,6 @@ pub struct Sandbox {
 #[derive(Debug)]
 pub struct Container {
     rec: Mutex<ContainerRecord>,
-    log: Mutex<Option<LogWriter>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

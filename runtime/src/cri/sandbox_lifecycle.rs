@@ -15,6 +15,8 @@ use super::store::{ContainerState, SandboxState};
 use super::{Container, Cri, CriError, Sandbox, lock, now_ns};
 use crate::agent_client;
 
+/// How long a log pump gets to copy the last output after its pod stopped.
+const LOG_PUMP_DRAIN: Duration = Duration::from_secs(2);
 /// How long the agent gets to stop everything and exit.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,6 +64,14 @@ impl Cri {
             host_sandbox::remove_netns(netns);
         }
         for c in self.containers_of(&rec.id) {
+            // Log pumps end with their streams; one whose agent vanished
+            // without closing them is ended here.
+            let pump = lock(&c.rec).log_pump;
+            if let Some((pid, start)) = pump
+                && host_sandbox::same_process(pid, start)
+            {
+                host_sandbox::end_process(pid, LOG_PUMP_DRAIN).await;
+            }
             let changed = {
                 let mut r = lock(&c.rec);
                 if r.state == ContainerState::Running {
@@ -109,7 +119,6 @@ impl Cri {
         for c in self.containers_of(&id) {
             let r = c.rec();
             lock(&self.containers).remove(&r.id);
-            lock(&c.log).take();
             self.emit(&r, ContainerEventType::ContainerDeletedEvent);
         }
         let dir = self.state.sandbox_dir(&id);
@@ -168,7 +177,6 @@ impl Cri {
                 let running = c.state == ContainerState::Running;
                 let container = Arc::new(Container {
                     rec: Mutex::new(c.clone()),
-                    log: Mutex::new(None),
                 });
                 lock(&self.containers).insert(c.id.clone(), container.clone());
                 if running && let Some(agent) = &agent {

@@ -184,6 +184,10 @@ pub struct ContainerRecord {
     /// The absolute log file ("" = no log).
     pub log_path: String,
     pub mounts: Vec<MountRecord>,
+    /// The `vmpod log-pump` process of the running container and its
+    /// start time.
+    #[serde(default)]
+    pub log_pump: Option<(i32, u64)>,
     /// What execs in this container inherit: env, working dir, user.
     #[serde(default)]
     pub exec_base: ExecBase,
