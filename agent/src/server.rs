@@ -122,7 +122,8 @@ impl Agent for AgentService {
         };
         let mut chunks = self
             .manager
-            .read_output(&req.container_id, &req.exec_id, stderr)?;
+            .read_output(&req.container_id, &req.exec_id, stderr)
+            .await?;
         // Same bound as the reader: one chunk here, four there.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {

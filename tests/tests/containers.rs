@@ -689,6 +689,67 @@ async fn writable_layer_on_a_scratch_disk(backend: Backend) {
     assert_ne!(code1, 0, "a 1 MiB writable layer took 20 MiB: {err}");
 }
 
+async fn a_new_output_reader_takes_over_without_losing_bytes(backend: Backend) {
+    let sandbox = Sandbox::start(backend);
+    let mut agent = sandbox.client().await;
+    let count = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.05; done";
+    run(
+        &mut agent,
+        container(&sandbox, "talk", &["sh", "-c", count]),
+    )
+    .await;
+    let req = || ReadOutputRequest {
+        container_id: "talk".into(),
+        exec_id: String::new(),
+        stream: Stream::Stdout as i32,
+    };
+
+    // The first reader reads a little and stays attached (as a daemon that
+    // died without hanging up would).
+    let mut first = agent
+        .read_output(req())
+        .await
+        .expect("first reader")
+        .into_inner();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("3\n") {
+        seen.extend(
+            first
+                .message()
+                .await
+                .expect("chunk")
+                .expect("more output")
+                .data,
+        );
+    }
+    // A second reader takes over at once.
+    let mut second = sandbox.client().await;
+    let mut rest = second
+        .read_output(req())
+        .await
+        .expect("a new reader takes over")
+        .into_inner();
+    while let Some(chunk) = first.message().await.ok().flatten() {
+        seen.extend(chunk.data);
+    }
+    while let Some(chunk) = rest.message().await.expect("chunk") {
+        seen.extend(chunk.data);
+    }
+    let expected: String = (0..40).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        expected,
+        "every line exactly once, in order, across the two readers"
+    );
+    assert_eq!(wait(&mut agent, "talk", "").await.exit_code, 0);
+    agent
+        .remove_container(RemoveContainerRequest {
+            container_id: "talk".into(),
+        })
+        .await
+        .expect("remove");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -715,4 +776,5 @@ on_both_backends!(
     stats_and_updates,
     sandbox_settings_namespaces_and_mounts,
     writable_layer_on_a_scratch_disk,
+    a_new_output_reader_takes_over_without_losing_bytes,
 );

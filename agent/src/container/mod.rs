@@ -36,6 +36,8 @@ use crate::process::{self, ExitInfo, FdReader, FdWriter, ProcessTable};
 const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long RemoveContainer waits for killed processes to go.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new output reader waits for the current one to let go.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest container or exec ID accepted.
 const MAX_ID: usize = 128;
 
@@ -107,11 +109,13 @@ pub struct SandboxFiles {
     pub shm: Option<PathBuf>,
 }
 
-/// A stdout/stderr slot: one reader at a time; a reader that goes away
-/// hands the pipe back for the next one.
+/// A stdout/stderr slot: one reader at a time. A new reader takes over
+/// from the current one (a daemon that restarted cannot hang up its old
+/// stream first); the reader that lets go hands back the pipe with any
+/// bytes it had not delivered, so nothing is lost between readers.
 enum OutputSlot {
-    Available(FdReader),
-    Busy,
+    Available { reader: FdReader, pending: Vec<u8> },
+    Busy(Arc<tokio::sync::Notify>),
     Finished,
 }
 
@@ -402,7 +406,13 @@ impl Manager {
             tty = Some(master);
         }
         let slot = |r: Option<FdReader>| {
-            Mutex::new(r.map(OutputSlot::Available).unwrap_or(OutputSlot::Finished))
+            Mutex::new(
+                r.map(|reader| OutputSlot::Available {
+                    reader,
+                    pending: Vec::new(),
+                })
+                .unwrap_or(OutputSlot::Finished),
+            )
         };
         Ok(Arc::new(Proc {
             pid,
@@ -539,8 +549,12 @@ impl Manager {
 
     fn delete_libcontainer(&self, id: &str) {
         let root = self.libcontainer_root().join(id);
-        if let Ok(mut c) = libcontainer::container::Container::load(root.clone()) {
-            let _ = c.delete(true);
+        // A create that failed early left no state for libcontainer to load
+        // (and it would log an error trying).
+        if root.join("state.json").exists() {
+            if let Ok(mut c) = libcontainer::container::Container::load(root.clone()) {
+                let _ = c.delete(true);
+            }
         }
         let _ = std::fs::remove_dir_all(root);
     }
@@ -728,59 +742,86 @@ impl Manager {
     }
 
     /// ReadOutput: a bounded stream of the process's output.
-    pub fn read_output(
+    pub async fn read_output(
         &self,
         id: &str,
         exec_id: &str,
         stderr: bool,
     ) -> Result<tokio::sync::mpsc::Receiver<Result<Vec<u8>, ContainerError>>, ContainerError> {
         let p = self.proc(id, exec_id)?;
-        let reader = {
-            let mut slot = if stderr {
-                p.stderr.lock()
-            } else {
-                p.stdout.lock()
-            }
-            .unwrap_or_else(|e| e.into_inner());
-            match std::mem::replace(&mut *slot, OutputSlot::Busy) {
-                OutputSlot::Available(r) => Some(r),
-                OutputSlot::Finished => {
-                    *slot = OutputSlot::Finished;
-                    None
+        fn slot_of(p: &Proc, stderr: bool) -> &Mutex<OutputSlot> {
+            if stderr { &p.stderr } else { &p.stdout }
+        }
+        // Take the pipe over from a current reader, waiting (bounded) for it
+        // to let go.
+        let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
+        let taken = loop {
+            {
+                let mut slot = slot_of(&p, stderr)
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                match std::mem::replace(&mut *slot, OutputSlot::Finished) {
+                    OutputSlot::Available { reader, pending } => {
+                        let cancel = Arc::new(tokio::sync::Notify::new());
+                        *slot = OutputSlot::Busy(cancel.clone());
+                        break Some((reader, pending, cancel));
+                    }
+                    OutputSlot::Finished => break None,
+                    OutputSlot::Busy(cancel) => {
+                        cancel.notify_one();
+                        *slot = OutputSlot::Busy(cancel);
+                    }
                 }
-                OutputSlot::Busy => {
-                    return Err(ContainerError::FailedPrecondition(format!(
-                        "another reader is attached to {id:?}/{exec_id:?}"
-                    )));
-                }
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ContainerError::FailedPrecondition(format!(
+                    "the current reader of {id:?}/{exec_id:?} did not let go"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         };
         // Four chunks in flight at most: a slow reader slows the process.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        if let Some(reader) = reader {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 32 * 1024];
-                loop {
-                    let n = match reader.read(&mut buf).await {
+        let Some((reader, pending, cancel)) = taken else {
+            return Ok(rx);
+        };
+        tokio::spawn(async move {
+            let give_back = |reader: FdReader, pending: Vec<u8>| {
+                *slot_of(&p, stderr)
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = OutputSlot::Available { reader, pending };
+            };
+            let mut chunk = pending;
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                if !chunk.is_empty() {
+                    // Reserve first: no bytes move until the channel has
+                    // room, so a takeover never drops them.
+                    tokio::select! {
+                        permit = tx.reserve() => match permit {
+                            Ok(permit) => permit.send(Ok(std::mem::take(&mut chunk))),
+                            // The client left: the next reader continues here.
+                            Err(_) => return give_back(reader, chunk),
+                        },
+                        () = cancel.notified() => return give_back(reader, chunk),
+                    }
+                }
+                tokio::select! {
+                    read = reader.read(&mut buf) => match read {
                         Ok(0) => break,
-                        Ok(n) => n,
+                        Ok(n) => chunk = buf[..n].to_vec(),
                         Err(e) => {
                             let _ = tx.send(Err(internal("reading output", &e))).await;
                             break;
                         }
-                    };
-                    if tx.send(Ok(buf[..n].to_vec())).await.is_err() {
-                        // The client left: the next reader continues here.
-                        let slot = if stderr { &p.stderr } else { &p.stdout };
-                        *slot.lock().unwrap_or_else(|e| e.into_inner()) =
-                            OutputSlot::Available(reader);
-                        return;
-                    }
+                    },
+                    () = cancel.notified() => return give_back(reader, Vec::new()),
                 }
-                let slot = if stderr { &p.stderr } else { &p.stdout };
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = OutputSlot::Finished;
-            });
-        }
+            }
+            *slot_of(&p, stderr)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = OutputSlot::Finished;
+        });
         Ok(rx)
     }
 
