@@ -298,8 +298,10 @@ fn image_command(
         config.registry =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     }
-    let manager = ImageManager::open(state_dir, config)
-        .with_context(|| format!("opening the image store in {}", state_dir.display()))?;
+    // The daemon's image store: `<state dir>/images` (vmpod serve opens the same).
+    let images_dir = state_dir.join("images");
+    let manager = ImageManager::open(&images_dir, config)
+        .with_context(|| format!("opening the image store in {}", images_dir.display()))?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match command {
         ImageCommand::Pull {

@@ -54,6 +54,10 @@ pub struct Config {
     /// `[[static_images]]` tables with `name`, `erofs` (the rootfs image)
     /// and `oci_layout` (an OCI layout directory holding the config).
     pub static_images: Vec<super::image::StaticImage>,
+    /// `[image]`: the image service (registry endpoints and mirrors,
+    /// platform, unpack bounds, `erofs_timeout_secs`); images live in
+    /// `<state_dir>/images`, shared with `vmpod image`. See docs/config.md.
+    pub image: crate::image::manager::ImageConfig,
 }
 
 /// One runtime handler.
@@ -158,6 +162,7 @@ impl Default for Config {
             handlers,
             host: HostPolicy::default(),
             static_images: Vec::new(),
+            image: crate::image::manager::ImageConfig::default(),
         }
     }
 }

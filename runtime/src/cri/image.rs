@@ -1,7 +1,7 @@
 //! How the CRI server finds a container image: a name → an erofs rootfs
-//! file plus the image config. The image service (pulls, content store)
-//! implements [`ImageResolver`]; until it is merged, [`StaticImages`] serves
-//! images listed in the config file from local OCI layouts.
+//! file plus the image config. [`StoreImages`] serves what the image
+//! service pulled or imported, then what the config file lists
+//! ([`StaticImages`], local OCI layouts).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -185,6 +185,79 @@ fn read_layout_config(layout: &Path) -> Result<(String, ImageConfig), ImageError
             user: c["User"].as_str().unwrap_or_default().to_string(),
         },
     ))
+}
+
+/// The image service's store first, then the statically listed images.
+pub struct StoreImages {
+    manager: std::sync::Arc<crate::image::manager::ImageManager>,
+    fallback: StaticImages,
+}
+
+/// An image config is a few KiB; a larger one is not read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+impl StoreImages {
+    pub fn new(
+        manager: std::sync::Arc<crate::image::manager::ImageManager>,
+        fallback: StaticImages,
+    ) -> StoreImages {
+        StoreImages { manager, fallback }
+    }
+
+    fn resolved(&self, record: &crate::image::store::ImageRecord) -> Option<ResolvedImage> {
+        let erofs_path = self.manager.rootfs(&record.id)?;
+        let bytes = self
+            .manager
+            .store()
+            .read_blob(&record.id, MAX_CONFIG_BYTES)
+            .ok()?;
+        let parsed: oci_spec::image::ImageConfiguration = serde_json::from_slice(&bytes).ok()?;
+        let c = parsed.config().clone().unwrap_or_default();
+        Some(ResolvedImage {
+            id: record.id.clone(),
+            name: record
+                .repo_tags
+                .first()
+                .cloned()
+                .unwrap_or_else(|| record.id.clone()),
+            erofs_path,
+            config: ImageConfig {
+                entrypoint: c.entrypoint().clone().unwrap_or_default(),
+                cmd: c.cmd().clone().unwrap_or_default(),
+                env: c.env().clone().unwrap_or_default(),
+                working_dir: c.working_dir().clone().unwrap_or_default(),
+                user: c.user().clone().unwrap_or_default(),
+            },
+        })
+    }
+}
+
+impl std::fmt::Debug for StoreImages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreImages").finish_non_exhaustive()
+    }
+}
+
+impl ImageResolver for StoreImages {
+    fn resolve(&self, image_ref: &str) -> Result<ResolvedImage, ImageError> {
+        match self.manager.find(image_ref) {
+            Some(record) => self
+                .resolved(&record)
+                .ok_or_else(|| ImageError::NotFound(image_ref.to_string())),
+            None => self.fallback.resolve(image_ref),
+        }
+    }
+
+    fn list(&self) -> Vec<ResolvedImage> {
+        let mut all: Vec<ResolvedImage> = self
+            .manager
+            .list()
+            .iter()
+            .filter_map(|r| self.resolved(r))
+            .collect();
+        all.extend(self.fallback.list());
+        all
+    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,15 @@ pub struct Cri {
     events: broadcast::Sender<k8s_cri::v1::ContainerEventResponse>,
 }
 
+/// RemoveImage refuses images that containers were created from.
+impl crate::image::service::ImageUsage for Cri {
+    fn in_use(&self, image_id: &str) -> bool {
+        lock(&self.containers)
+            .values()
+            .any(|c| lock(&c.rec).image_id == image_id)
+    }
+}
+
 impl std::fmt::Debug for Cri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cri")

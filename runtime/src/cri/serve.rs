@@ -7,12 +7,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 
 use super::Cri;
 use super::config::Config;
-use super::image::{ImageResolver, StaticImages};
+use super::image::{ImageResolver, StaticImages, StoreImages};
 use super::service::CriService;
+use crate::image::manager::ImageManager;
+use crate::image::service::CriImageService;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,8 @@ pub enum ServeError {
     },
     #[error("loading the static images")]
     Images(#[source] super::image::ImageError),
+    #[error("opening the image store")]
+    ImageStore(#[source] crate::image::manager::ImageError),
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -34,9 +39,14 @@ pub const SOCKET_MODE: u32 = 0o660;
 
 /// Serves the CRI on `socket` until SIGTERM or SIGINT.
 pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
-    let images: Arc<dyn ImageResolver> =
-        Arc::new(StaticImages::load(&config.static_images).map_err(ServeError::Images)?);
+    let manager = Arc::new(
+        ImageManager::open(&config.state_dir.join("images"), config.image.clone())
+            .map_err(ServeError::ImageStore)?,
+    );
+    let fallback = StaticImages::load(&config.static_images).map_err(ServeError::Images)?;
+    let images: Arc<dyn ImageResolver> = Arc::new(StoreImages::new(manager.clone(), fallback));
     let cri = Cri::new(config, images);
+    let image_service = CriImageService::new(manager, cri.clone());
     cri.adopt().await;
     let sock_err = |source| ServeError::Socket {
         path: socket.to_path_buf(),
@@ -56,6 +66,7 @@ pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::new(CriService::new(cri)))
+        .add_service(ImageServiceServer::new(image_service))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(ServeError::Serve)?;

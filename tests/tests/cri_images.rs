@@ -1,0 +1,113 @@
+//! The CRI ImageService served by `vmpod serve` on its own socket, as
+//! crictl and the kubelet use it: pull from a registry, run a pod and a
+//! container from the pulled image, refuse to remove an image in use.
+
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::*;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use vmpod_tests::cri::*;
+use vmpod_tests::oci_layout::{Compression, busybox_layer, layer, write_image};
+use vmpod_tests::registry::TestRegistry;
+
+async fn image_client(d: &Daemon) -> ImageServiceClient<Channel> {
+    let path = d.socket.clone();
+    let channel = Endpoint::from_static("http://vmpod")
+        .timeout(Duration::from_secs(120))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connecting to vmpod serve");
+    ImageServiceClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pulled_images_run_in_pods_through_the_cri_socket() {
+    let registry = TestRegistry::start();
+    let layout = tempfile::tempdir().unwrap();
+    write_image(
+        layout.path(),
+        "v1",
+        &[layer(&busybox_layer(), Compression::Gzip)],
+        "",
+    );
+    registry.push_layout(layout.path(), "v1", "test/busybox", &[]);
+    let host = registry.host();
+    let d = Daemon::start(&format!(
+        "[image.registry]\nrequest_timeout_secs = 10\n\
+         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
+    ));
+    let mut images = image_client(&d).await;
+    let mut cri = d.client().await;
+    let image = format!("{host}/test/busybox:v1");
+    let spec = || {
+        Some(ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        })
+    };
+
+    let pulled = images
+        .pull_image(PullImageRequest {
+            image: spec(),
+            ..Default::default()
+        })
+        .await
+        .expect("PullImage through the daemon")
+        .into_inner();
+    assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
+    let listed = images
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner();
+    assert!(
+        listed
+            .images
+            .iter()
+            .any(|i| i.id == pulled.image_ref && i.repo_tags.contains(&image)),
+        "{listed:?}"
+    );
+
+    let pod = run_pod(&mut cri, pod_config(&d, "pulled", &[])).await;
+    let mut config = container_config("c", &["sh", "-c"], &["echo from-the-registry"]);
+    config.image = spec();
+    let id = create(&mut cri, &pod, config).await;
+    start(&mut cri, &id).await;
+    let st = wait_exited(&mut cri, &id).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    assert_eq!(
+        st.image_ref, pulled.image_ref,
+        "the container ran the pulled image"
+    );
+    let lines = log_lines(&d.log_root().join("pulled/c/0.log"), 1).await;
+    assert_eq!(parse_record(&lines[0]).3, "from-the-registry");
+
+    // In use: RemoveImage refuses; once the container is gone it works.
+    let remove = || RemoveImageRequest { image: spec() };
+    assert_eq!(
+        code(images.remove_image(remove()).await),
+        Code::FailedPrecondition
+    );
+    cri.remove_container(RemoveContainerRequest { container_id: id })
+        .await
+        .expect("RemoveContainer");
+    images.remove_image(remove()).await.expect("RemoveImage");
+    let status = images
+        .image_status(ImageStatusRequest {
+            image: spec(),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
+    assert!(status.image.is_none(), "removed: {status:?}");
+    stop_remove_pod(&mut cri, &pod).await;
+}
