@@ -441,18 +441,23 @@ fn parse_cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_line_has_the_verified_microvm_settings() {
-        let cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
+    /// QEMU's arguments as one string.
+    fn command_line(cfg: &QemuConfig) -> String {
         let args: Vec<String> = cfg
             .command()
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let joined = args.join(" ");
+        args.join(" ")
+    }
+
+    #[test]
+    fn command_line_has_the_verified_microvm_settings() {
+        let cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
+        let joined = command_line(&cfg);
         assert!(joined.contains("-M microvm,acpi=off"), "{joined}");
         assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
-        assert!(args.iter().any(|a| a == "-no-reboot"), "{joined}");
+        assert!(joined.split(' ').any(|a| a == "-no-reboot"), "{joined}");
         assert!(cfg.cmdline().contains("reboot=t"));
         assert!(cfg.cmdline().starts_with("console=ttyS0"));
     }
@@ -461,12 +466,7 @@ mod tests {
     fn vhost_user_vsock_needs_shared_guest_memory() {
         let mut cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
         cfg.vhost_user_vsock = Some("/run/v.sock".into());
-        let joined: Vec<String> = cfg
-            .command()
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let joined = joined.join(" ");
+        let joined = command_line(&cfg);
         assert!(
             joined.contains("-M microvm,acpi=off,memory-backend=mem"),
             "{joined}"
@@ -493,12 +493,7 @@ mod tests {
             read_only: true,
             serial: "image0".into(),
         });
-        let joined: Vec<String> = cfg
-            .command()
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let joined = joined.join(" ");
+        let joined = command_line(&cfg);
         assert!(
             joined.contains("-drive file=/img/a.erofs,if=none,id=disk0,format=raw,readonly=on"),
             "{joined}"
