@@ -170,15 +170,7 @@ fn main() -> ExitCode {
     match (mode, result) {
         (Mode::Guest, Ok(())) => init::power_off(),
         (Mode::Host, Ok(())) => ExitCode::SUCCESS,
-        (_, Err(e)) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(cause) = src {
-                msg.push_str(&format!(": {cause}"));
-                src = cause.source();
-            }
-            fail(msg)
-        }
+        (_, Err(e)) => fail(container::chain(&e)),
     }
 }
 

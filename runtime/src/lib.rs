@@ -10,3 +10,17 @@ pub mod guest;
 pub mod hypervisor;
 pub mod image;
 pub mod vmm;
+
+/// An error with its whole source chain on one line (`outer: cause: root`),
+/// for messages that cross a process boundary (gRPC status, control-socket
+/// replies, logs).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}

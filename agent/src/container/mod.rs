@@ -68,7 +68,8 @@ impl From<ContainerError> for tonic::Status {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error with its whole source chain on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {

@@ -113,22 +113,11 @@ pub async fn connect_ready(
                     Err(status) => last = format!("Health: {status}"),
                 }
             }
-            Err(e) => last = error_chain(&e),
+            Err(e) => last = crate::error_chain(&e),
         }
         tokio::time::sleep(
             Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
         )
         .await;
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
 }

@@ -97,17 +97,7 @@ impl CriError {
     }
 }
 
-/// An error with its causes, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
+pub use crate::error_chain;
 
 /// A sandbox in memory.
 #[derive(Debug)]

@@ -89,18 +89,7 @@ pub fn to_status(error: &ImageError) -> Status {
         },
         ImageError::Erofs(..) | ImageError::Store(_) | ImageError::Task(_) => Code::Internal,
     };
-    Status::new(code, error_chain(error))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut msg = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        msg.push_str(": ");
-        msg.push_str(&e.to_string());
-        source = e.source();
-    }
-    msg
+    Status::new(code, crate::error_chain(error))
 }
 
 fn spec_image(spec: Option<&ImageSpec>) -> Result<&str, ImageError> {

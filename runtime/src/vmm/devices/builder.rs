@@ -164,18 +164,6 @@ impl VirtioDevices {
     }
 }
 
-/// Renders an error with its whole source chain for a control-socket reply.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
 impl DeviceControl for VirtioDevices {
     fn block_attach(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), String> {
         let mut block = self
@@ -187,7 +175,7 @@ impl DeviceControl for VirtioDevices {
         } else {
             block.attach(path, read_only)
         };
-        r.map_err(|e| chain(&e))
+        r.map_err(|e| crate::error_chain(&e))
     }
 
     fn block_detach(&self, slot: usize) -> Result<(), String> {
@@ -195,7 +183,7 @@ impl DeviceControl for VirtioDevices {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .detach()
-            .map_err(|e| chain(&e))
+            .map_err(|e| crate::error_chain(&e))
     }
 
     fn metrics(&self) -> serde_json::Value {
