@@ -6,6 +6,9 @@
 //!   entries on the kernel command line and the guest finds no devices.
 //! - `tsc_early_khz=<host TSC kHz>`: without it TSC calibration under TCG
 //!   hangs some boots when the host is loaded.
+//! - `tsc=reliable`: on a loaded host the emulated timer interrupts lag, the
+//!   clocksource watchdog blames the (correct) TSC, and the guest falls
+//!   back to jiffies; seen to leave the guest's vsock unanswered for minutes.
 //! - no ACPI means a guest power-off only halts, so the agent ends the VM by
 //!   rebooting (`reboot=t`) and QEMU runs with `-no-reboot`.
 
@@ -109,7 +112,7 @@ impl QemuConfig {
     pub fn cmdline(&self) -> String {
         let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
         if let Some(khz) = host_tsc_khz() {
-            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+            cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
         }
         if !self.extra_cmdline.is_empty() {
             cmdline.push(' ');
