@@ -14,6 +14,11 @@ use nix::mount::{MsFlags, mount};
 /// What can go wrong while setting up the guest.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
+    #[error(
+        "refusing guest setup: /proc is already mounted, so this is not the first process of a \
+         fresh guest (a host agent needs --listen)"
+    )]
+    NotAGuest,
     #[error("mounting {fstype} on {target}")]
     Mount {
         fstype: &'static str,
@@ -106,6 +111,12 @@ const MOUNTS: &[Mount] = &[
 
 /// Sets the guest up. Called first thing as PID 1, before any logging.
 pub fn setup() -> Result<(), InitError> {
+    // A guest's init starts on the bare initramfs. PID 1 of a PID namespace
+    // on a host sees the host's /proc: remounting "/" there would bury the
+    // host's root, so refuse.
+    if std::path::Path::new("/proc/self/mountinfo").exists() {
+        return Err(InitError::NotAGuest);
+    }
     switch_root_to_tmpfs()?;
     for m in MOUNTS {
         fs::DirBuilder::new()
