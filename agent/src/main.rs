@@ -5,7 +5,9 @@
 //! Usage:
 //!   vmpod-agent                          as PID 1: guest mode, vsock port 1024
 //!   vmpod-agent --listen unix:PATH [--state-dir DIR] [--cgroup-parent PATH]
-//!                                        host mode
+//!               [--host-ipc]             host mode (the daemon starts it as
+//!                                        PID 1 of the pod's PID namespace,
+//!                                        or in the node's for hostPID pods)
 //!   vmpod-agent __libcontainer ...       internal: see container::helper
 
 mod container;
@@ -43,6 +45,8 @@ struct Args {
     listen: Listen,
     state_dir: PathBuf,
     cgroup_parent: String,
+    /// Stay in the node's IPC namespace (hostIPC pods).
+    host_ipc: bool,
 }
 
 fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args, String> {
@@ -52,6 +56,7 @@ fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args
     };
     let mut state_dir = PathBuf::from("/run/vmpod-agent");
     let mut cgroup_parent = String::from("/vmpod");
+    let mut host_ipc = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -65,6 +70,7 @@ fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args
                     ));
                 }
             }
+            "--host-ipc" if mode == Mode::Host => host_ipc = true,
             "--version" => return Err(format!("vmpod-agent {}", env!("CARGO_PKG_VERSION"))),
             // As PID 1 the kernel hands over command-line words it did not
             // understand; they are not ours to reject.
@@ -80,18 +86,24 @@ fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args
         listen,
         state_dir,
         cgroup_parent,
+        host_ipc,
     })
 }
 
 /// A host-mode agent gets private mount, UTS and IPC namespaces (its mounts
 /// never reach the host and vanish with it; hostname and shared memory are
-/// the pod's), and becomes the subreaper of its containers. Must run before
-/// any thread exists: unsharing the mount namespace needs that.
-fn isolate_host_agent() -> Result<(), String> {
+/// the pod's; IPC stays the node's for hostIPC pods), and becomes the
+/// subreaper of its containers. As PID 1 of the pod's PID namespace it
+/// mounts that namespace's /proc over the node's. Must run before any
+/// thread exists: unsharing the mount namespace needs that.
+fn isolate_host_agent(host_ipc: bool) -> Result<(), String> {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
-        .map_err(|e| format!("unsharing namespaces (needs root): {e}"))?;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
+    if !host_ipc {
+        flags |= CloneFlags::CLONE_NEWIPC;
+    }
+    unshare(flags).map_err(|e| format!("unsharing namespaces (needs root): {e}"))?;
     mount(
         None::<&str>,
         "/",
@@ -100,6 +112,16 @@ fn isolate_host_agent() -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("making mounts private: {e}"))?;
+    if std::process::id() == 1 {
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mounting the pod's /proc: {e}"))?;
+    }
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes plain integers.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
         return Err(format!(
@@ -115,7 +137,13 @@ fn main() -> ExitCode {
     if argv.get(1).map(String::as_str) == Some(container::helper::HELPER_ARG) {
         return container::helper::main(&argv[2..]);
     }
-    let mode = if std::process::id() == 1 {
+    // The kernel runs /init without --listen; the daemon's host agent may
+    // be PID 1 too (of the pod's PID namespace), but always has --listen.
+    let host_args = argv
+        .iter()
+        .skip(1)
+        .any(|a| a == "--listen" || a.starts_with("--listen="));
+    let mode = if std::process::id() == 1 && !host_args {
         Mode::Guest
     } else {
         Mode::Host
@@ -146,7 +174,7 @@ fn main() -> ExitCode {
         Err(msg) => return fail(msg),
     };
     if mode == Mode::Host {
-        if let Err(msg) = isolate_host_agent() {
+        if let Err(msg) = isolate_host_agent(args.host_ipc) {
             return fail(msg);
         }
     }

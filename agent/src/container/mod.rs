@@ -203,6 +203,26 @@ fn stdio_plan(p: &Process) -> Result<StdioPlan, ContainerError> {
     })
 }
 
+/// Where the console socket of a process in `work` is bound: in `work`
+/// unless that path is too long for a unix socket (host agents' state dirs
+/// can be deep), then a random name in the temp dir. It is removed once
+/// the terminal arrived.
+fn console_socket_path(work: &Path) -> Result<PathBuf, ContainerError> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    let path = work.join("console.sock");
+    // sun_path holds 108 bytes including the NUL.
+    if path.as_os_str().as_bytes().len() < 100 {
+        return Ok(path);
+    }
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| internal("reading /dev/urandom", &e))?;
+    let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(std::env::temp_dir().join(format!("vmpod-console-{name}.sock")))
+}
+
 /// Receives the terminal master that libcontainer sends over the console
 /// socket (SCM_RIGHTS), with a deadline.
 async fn receive_terminal(listener: tokio::net::UnixListener) -> Result<OwnedFd, ContainerError> {
@@ -369,7 +389,7 @@ impl Manager {
     ) -> Result<Arc<Proc>, ContainerError> {
         let plan = stdio_plan(p)?;
         let console = if p.terminal {
-            let path = work.join("console.sock");
+            let path = console_socket_path(work)?;
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path)
                 .map_err(|e| internal("console socket", &e))?;
@@ -384,8 +404,9 @@ impl Manager {
         let pid = self.run_helper(work, args, plan.child).await;
         let pid = match (pid, &console) {
             (Ok(pid), _) => pid,
-            (Err(e), Some((_, task))) => {
+            (Err(e), Some((path, task))) => {
                 task.abort();
+                let _ = std::fs::remove_file(path);
                 return Err(e);
             }
             (Err(e), None) => return Err(e),

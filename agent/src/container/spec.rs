@@ -300,24 +300,57 @@ fn capabilities(req: &CreateContainerRequest, bounding: u64) -> Result<Vec<Strin
             .map(|(_, c)| c.to_string())
             .collect());
     }
-    if sec.capabilities.is_empty() {
-        return Ok(DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()).collect());
-    }
     let mut caps = Vec::new();
-    for cap in &sec.capabilities {
-        let name = if cap.starts_with("CAP_") {
-            cap.to_uppercase()
-        } else {
-            format!("CAP_{}", cap.to_uppercase())
-        };
-        if !ALL_CAPABILITIES.contains(&name.as_str()) {
-            return Err(SpecError::BadCapability(cap.clone()));
+    if sec.capabilities.is_empty() {
+        caps.extend(DEFAULT_CAPABILITIES.iter().map(|c| c.to_string()));
+    } else {
+        for cap in &sec.capabilities {
+            let name = cap_name(cap)?;
+            if !caps.contains(&name) {
+                caps.push(name);
+            }
         }
+    }
+    // containerd's order, so that e.g. add ALL + drop CHOWN is all but
+    // CHOWN, and drop ALL + add NET_ADMIN is exactly NET_ADMIN.
+    let is_all = |c: &String| c.eq_ignore_ascii_case("ALL");
+    if sec.add_capabilities.iter().any(is_all) {
+        caps = ALL_CAPABILITIES
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| bounding & (1u64 << bit) != 0)
+            .map(|(_, c)| c.to_string())
+            .collect();
+    }
+    if sec.drop_capabilities.iter().any(is_all) {
+        caps.clear();
+    }
+    for cap in sec.add_capabilities.iter().filter(|c| !is_all(c)) {
+        let name = cap_name(cap)?;
         if !caps.contains(&name) {
             caps.push(name);
         }
     }
+    for cap in sec.drop_capabilities.iter().filter(|c| !is_all(c)) {
+        let name = cap_name(cap)?;
+        caps.retain(|c| *c != name);
+    }
     Ok(caps)
+}
+
+/// `net_admin`, `NET_ADMIN` or `CAP_NET_ADMIN` → `CAP_NET_ADMIN`, if the
+/// kernel knows it.
+fn cap_name(cap: &str) -> Result<String, SpecError> {
+    let upper = cap.to_uppercase();
+    let name = if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    };
+    if !ALL_CAPABILITIES.contains(&name.as_str()) {
+        return Err(SpecError::BadCapability(cap.to_string()));
+    }
+    Ok(name)
 }
 
 fn rlimits(req: &CreateContainerRequest) -> Result<Value, SpecError> {
@@ -668,6 +701,43 @@ mod tests {
         assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(spec["linux"]["resources"]["pids"]["limit"], 10);
         assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 50_000);
+    }
+
+    #[test]
+    fn capabilities_are_added_and_dropped_in_containerds_order() {
+        let caps = |add: &[&str], drop: &[&str]| {
+            let mut req = request();
+            req.security = Some(Security {
+                add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            });
+            build(&req, &identity(), &ctx())
+                .map(|spec| spec["process"]["capabilities"]["effective"].clone())
+        };
+        let with = caps(&["NET_ADMIN"], &["chown", "CAP_KILL"]).unwrap();
+        let with: Vec<&str> = with
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert!(with.contains(&"CAP_NET_ADMIN") && with.contains(&"CAP_SETUID"));
+        assert!(!with.contains(&"CAP_CHOWN") && !with.contains(&"CAP_KILL"));
+        assert_eq!(with.len(), DEFAULT_CAPABILITIES.len() - 1);
+        assert_eq!(
+            caps(&["SYS_TIME"], &["ALL"]).unwrap(),
+            json!(["CAP_SYS_TIME"])
+        );
+        assert_eq!(caps(&[], &["ALL"]).unwrap(), json!([]));
+        let all = caps(&["ALL"], &["SYS_ADMIN"]).unwrap();
+        let all = all.as_array().unwrap();
+        assert!(all.len() > DEFAULT_CAPABILITIES.len());
+        assert!(!all.contains(&json!("CAP_SYS_ADMIN")));
+        assert!(matches!(
+            caps(&["MAKE_COFFEE"], &[]),
+            Err(SpecError::BadCapability(_))
+        ));
     }
 
     #[test]

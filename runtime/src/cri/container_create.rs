@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use k8s_cri::v1::{
     ContainerConfig, ContainerEventType, CreateContainerRequest, CreateContainerResponse,
-    security_profile::ProfileType,
 };
 use vmpod_proto::v1 as agent;
 
@@ -106,10 +105,12 @@ impl Cri {
             .as_ref()
             .and_then(|l| l.resources.as_ref())
             .map(resources);
-        let seccomp_runtime_default = security
-            .seccomp
-            .as_ref()
-            .is_some_and(|s| s.profile_type == ProfileType::RuntimeDefault as i32);
+        let agent_security = super::security::container_security(&security, srec.pid_mode)?;
+        if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
+            return Err(CriError::Unimplemented(
+                "host devices are not passed into vmpod sandboxes".into(),
+            ));
+        }
         let mut agent_client = sandbox.agent()?;
         agent_client
             .create_container(agent::CreateContainerRequest {
@@ -134,17 +135,7 @@ impl Cri {
                     })
                     .collect(),
                 resources,
-                security: Some(agent::Security {
-                    privileged: security.privileged,
-                    no_new_privileges: security.no_new_privs,
-                    readonly_rootfs: security.readonly_rootfs,
-                    seccomp_runtime_default,
-                    masked_paths: security.masked_paths.clone(),
-                    readonly_paths: security.readonly_paths.clone(),
-                    share_pod_pid_namespace: srec.pid_mode
-                        == k8s_cri::v1::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                security: Some(agent_security),
                 sysctls: Default::default(),
                 hostname: srec.hostname.clone(),
             })
@@ -345,12 +336,6 @@ fn process(
     image: &ImageConfig,
     sc: &k8s_cri::v1::LinuxContainerSecurityContext,
 ) -> Result<agent::Process, CriError> {
-    if config.tty || config.stdin {
-        return Err(CriError::Unimplemented(
-            "tty and stdin containers need attach, which the streaming server (a later issue) provides"
-                .into(),
-        ));
-    }
     Ok(agent::Process {
         args: merge_args(&config.command, &config.args, image)?,
         env: merge_env(&image.env, &config.envs),
@@ -360,8 +345,10 @@ fn process(
             config.working_dir.clone()
         },
         user: Some(user(sc, &image.user)?),
-        terminal: false,
-        stdin: false,
+        // A TTY container's output is its terminal's, logged as stdout; its
+        // stdin stays open for attach (the streaming server's job).
+        terminal: config.tty,
+        stdin: config.stdin,
     })
 }
 
