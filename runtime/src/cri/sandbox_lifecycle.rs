@@ -164,7 +164,10 @@ impl Cri {
                 op: tokio::sync::Mutex::new(()),
                 agent: Mutex::new(agent.clone()),
             });
-            lock(&self.sandboxes).insert(rec.id.clone(), sandbox);
+            lock(&self.sandboxes).insert(rec.id.clone(), sandbox.clone());
+            if agent.is_some() {
+                self.monitor(sandbox);
+            }
             for mut c in containers {
                 if c.state == ContainerState::Running && agent.is_none() {
                     c.state = ContainerState::Exited;

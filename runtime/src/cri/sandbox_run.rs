@@ -20,7 +20,7 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Cri {
     pub(super) async fn run_pod_sandbox(
-        &self,
+        self: &Arc<Self>,
         req: RunPodSandboxRequest,
     ) -> Result<RunPodSandboxResponse, CriError> {
         let config = req
@@ -89,13 +89,6 @@ impl Cri {
         if security.privileged && !(host_backend && policy.allow_privileged) {
             return refuse("privileged mode");
         }
-        if host_pid || host_ipc {
-            return Err(CriError::Unimplemented(
-                "the node's PID and IPC namespaces are allowed by the config but not \
-                 implemented by the host backend yet"
-                    .into(),
-            ));
-        }
 
         let id = new_id()?;
         let dir = self.state.sandbox_dir(&id);
@@ -141,7 +134,9 @@ impl Cri {
         };
         match result {
             Ok(sandbox) => {
-                super::lock(&self.sandboxes).insert(id.clone(), Arc::new(sandbox));
+                let sandbox = Arc::new(sandbox);
+                super::lock(&self.sandboxes).insert(id.clone(), sandbox.clone());
+                self.monitor(sandbox);
                 tracing::info!(sandbox = %id, "pod sandbox ready");
                 Ok(RunPodSandboxResponse { pod_sandbox_id: id })
             }
@@ -176,6 +171,8 @@ impl Cri {
             cgroup_parent: &rec.cgroup_parent,
             netns: rec.netns.as_deref(),
             log: &dir.join("agent.log"),
+            host_pid: rec.pid_mode == NamespaceMode::Node as i32,
+            host_ipc: rec.ipc_mode == NamespaceMode::Node as i32,
         })?;
         undo.push(Step::KillAgent(pid, rec.cgroup_parent.clone()));
         rec.agent_pid = Some(pid);
