@@ -56,15 +56,54 @@ pub struct Daemon {
     child: Option<Child>,
 }
 
+/// Which sandbox backend a scenario's pods run on (the daemon's default
+/// handler, so `run_pod` with an empty handler lands there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Handler `host`: the agent as a host process in fresh namespaces.
+    Host,
+    /// Handler `vm`: QEMU microvm under TCG, the agent as guest PID 1.
+    Vm,
+}
+
+impl Backend {
+    /// The handler's name in the test config.
+    pub fn handler(self) -> &'static str {
+        match self {
+            Backend::Host => "host",
+            Backend::Vm => "vm",
+        }
+    }
+}
+
 impl Daemon {
-    /// Starts `vmpod serve` with the default test config plus `extra` TOML.
+    /// Starts `vmpod serve` with `backend` as the default handler; fails
+    /// loudly when the backend's programs are missing.
+    pub fn on(backend: Backend, extra: &str) -> Daemon {
+        if backend == Backend::Vm {
+            crate::require_program("qemu-system-x86_64", "qemu-system-x86");
+            assert!(
+                vmpod::hypervisor::qemu::VhostVsock::binary().is_file(),
+                "vhost-device-vsock is not installed: `cargo install vhost-device-vsock --locked` \
+                 (scripts/install-deps does)"
+            );
+        }
+        Daemon::start_with(backend.handler(), extra)
+    }
+
+    /// Starts `vmpod serve` with the default test config (default handler
+    /// `host`) plus `extra` TOML.
     pub fn start(extra: &str) -> Daemon {
+        Daemon::start_with("host", extra)
+    }
+
+    fn start_with(default_handler: &str, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("vmpod.sock");
         let config = dir.path().join("config.toml");
         let text = format!(
             "state_dir = \"{state}\"\nlog_dir_root = \"{logs}\"\nagent_binary = \"{agent}\"\n\
-             default_handler = \"host\"\n{extra}\n\
+             default_handler = \"{default_handler}\"\n{extra}\n\
              [handlers.host]\nbackend = \"host\"\n\
              [handlers.vm]\nbackend = \"vm\"\nhypervisor = \"qemu\"\naccel = \"tcg\"\n\
              kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
@@ -169,7 +208,8 @@ impl Daemon {
     pub async fn client(&self) -> Cri {
         let path = self.socket.clone();
         let channel = Endpoint::from_static("http://vmpod")
-            .timeout(Duration::from_secs(120))
+            // Generous: twenty TCG boots at once on two busy cores take minutes.
+            .timeout(Duration::from_secs(300))
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {

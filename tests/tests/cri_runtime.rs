@@ -1,6 +1,10 @@
-//! The CRI server end to end on the host backend: a real `vmpod serve`, the
-//! real agent, the demo busybox image, driven with the `k8s-cri` client as
-//! the kubelet would. Needs root (namespaces, loop devices, cgroups).
+//! The CRI server end to end, every scenario on both sandbox backends: the
+//! host backend (the agent as a host process in fresh namespaces) and the VM
+//! backend (hypervisor `qemu` under TCG, the agent as PID 1 of a real Linux
+//! guest, vsock through `vhost-device-vsock`). A real `vmpod serve`, the
+//! demo busybox image, driven with the `k8s-cri` client as the kubelet
+//! would. Needs root (namespaces, loop devices, cgroups) and, for `vm`,
+//! QEMU and vhost-device-vsock.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,9 +13,48 @@ use k8s_cri::v1::*;
 use tonic::Code;
 use vmpod_tests::cri::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pod_and_container_lifecycle_with_logs_and_exec() {
-    let d = Daemon::start("");
+/// Each scenario once per backend: `host::name` and `vm::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod host {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(vmpod_tests::cri::Backend::Host).await
+                }
+            )*
+        }
+        mod vm {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(vmpod_tests::cri::Backend::Vm).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    pod_and_container_lifecycle_with_logs_and_exec,
+    exit_codes_reasons_oom_and_containers_after_exit,
+    filters_and_events,
+    error_codes,
+    host_network_only_where_allowed,
+    restart_readopts_running_pods,
+    long_lines_are_split_into_partial_records,
+    twenty_pods_at_once,
+    create_remove_cycles_leak_nothing,
+    graceful_shutdown_leaves_pods_running,
+    vmpod_run_prints_output_and_exit_code,
+    a_dead_sandbox_makes_the_pod_notready_and_stop_cleans_up,
+    a_chatty_container_survives_a_restart_and_keeps_logging,
+    security_contexts_are_honoured_or_refused,
+    host_pid_and_ipc_where_allowed,
+);
+
+async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&d.socket)
@@ -63,7 +106,11 @@ async fn pod_and_container_lifecycle_with_logs_and_exec() {
         .and_then(|n| n.options)
         .expect("namespaces");
     assert_eq!(ns.network, NamespaceMode::Pod as i32);
-    assert!(pst.info["info"].contains("netns"), "{:?}", pst.info);
+    let verbose = &pst.info["info"];
+    match b {
+        Backend::Host => assert!(verbose.contains("\"netns\":\"/"), "{verbose}"),
+        Backend::Vm => assert!(verbose.contains("\"backend\":\"vm\""), "{verbose}"),
+    }
 
     // The image's cmd is `sh`; the request's command replaces it.
     let c = create(
@@ -260,9 +307,8 @@ async fn pod_and_container_lifecycle_with_logs_and_exec() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn exit_codes_reasons_oom_and_containers_after_exit() {
-    let d = Daemon::start("");
+async fn exit_codes_reasons_oom_and_containers_after_exit(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "jobs", &[])).await;
 
@@ -345,9 +391,8 @@ async fn exit_codes_reasons_oom_and_containers_after_exit() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn filters_and_events() {
-    let d = Daemon::start("");
+async fn filters_and_events(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let mut events = cri
         .get_container_events(GetEventsRequest::default())
@@ -488,9 +533,8 @@ async fn filters_and_events() {
     assert_no_leaks(&d, &[p1, p2]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn error_codes() {
-    let d = Daemon::start("");
+async fn error_codes(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
 
     assert_eq!(
@@ -685,9 +729,10 @@ async fn error_codes() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn host_network_when_allowed() {
-    let d = Daemon::start("[host]\nallow_host_network = true\n");
+/// The config allows host network to host sandboxes only: a VM pod that
+/// asks for it is refused, never silently given its own network.
+async fn host_network_only_where_allowed(b: Backend) {
+    let d = Daemon::on(b, "[host]\nallow_host_network = true\n");
     let mut cri = d.client().await;
     let mut config = pod_config(&d, "hostnet", &[]);
     config.linux = Some(LinuxPodSandboxConfig {
@@ -700,6 +745,17 @@ async fn host_network_when_allowed() {
         }),
         ..Default::default()
     });
+    if b == Backend::Vm {
+        let refused = cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await;
+        assert_eq!(code(refused), Code::FailedPrecondition);
+        assert_no_leaks(&d, &[]);
+        return;
+    }
     let pod = run_pod(&mut cri, config).await;
     let c = create(
         &mut cri,
@@ -720,9 +776,8 @@ async fn host_network_when_allowed() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn restart_readopts_running_pods() {
-    let mut d = Daemon::start("");
+async fn restart_readopts_running_pods(b: Backend) {
+    let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "survivor", &[("keep", "yes")])).await;
     let c = create(
@@ -780,9 +835,8 @@ async fn restart_readopts_running_pods() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn long_lines_are_split_into_partial_records() {
-    let d = Daemon::start("");
+async fn long_lines_are_split_into_partial_records(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "long", &[])).await;
     // 40000 'a's then a newline: P (16384) + P (16384) + F (7232).
@@ -814,9 +868,8 @@ async fn long_lines_are_split_into_partial_records() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn twenty_pods_at_once() {
-    let d = Daemon::start("");
+async fn twenty_pods_at_once(b: Backend) {
+    let d = Daemon::on(b, "");
     let cri = d.client().await;
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -874,9 +927,8 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_remove_cycles_leak_nothing() {
-    let d = Daemon::start("");
+async fn create_remove_cycles_leak_nothing(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let mut pods = Vec::new();
     let cycle = |i: usize| {
@@ -918,9 +970,8 @@ async fn create_remove_cycles_leak_nothing() {
     assert!(items.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn graceful_shutdown_leaves_pods_running() {
-    let mut d = Daemon::start("");
+async fn graceful_shutdown_leaves_pods_running(b: Backend) {
+    let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "calm", &[])).await;
     let c = create(
@@ -940,17 +991,18 @@ async fn graceful_shutdown_leaves_pods_running() {
     assert_no_leaks(&d, &[pod]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn vmpod_run_prints_output_and_exit_code() {
-    let d = Daemon::start("");
+async fn vmpod_run_prints_output_and_exit_code(b: Backend) {
+    let d = Daemon::on(b, "");
     let out = tokio::process::Command::new(vmpod_binary())
         .arg("run")
         .arg("--socket")
         .arg(&d.socket)
         .arg("--log-root")
         .arg(d.log_root())
+        .arg("--runtime-handler")
+        .arg(b.handler())
         .arg("--timeout")
-        .arg("60")
+        .arg("120")
         .arg(BUSYBOX)
         .args(["--", "sh", "-c", "echo hi; echo err >&2; exit 3"])
         .output()
@@ -973,9 +1025,8 @@ async fn vmpod_run_prints_output_and_exit_code() {
     assert_no_leaks(&d, &[]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dead_agent_makes_the_pod_notready_and_stop_cleans_up() {
-    let d = Daemon::start("");
+async fn a_dead_sandbox_makes_the_pod_notready_and_stop_cleans_up(b: Backend) {
+    let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "doomed", &[])).await;
     let c = create(
@@ -995,9 +1046,32 @@ async fn a_dead_agent_makes_the_pod_notready_and_stop_cleans_up() {
         .into_inner()
         .info;
     let verbose: serde_json::Value = serde_json::from_str(&info["info"]).expect("verbose JSON");
-    let pid = verbose["pid"].as_i64().expect("the agent's pid") as i32;
-    // SAFETY: kill(2) takes plain integers; the PID is the test pod's agent.
+    let pid = verbose["pid"].as_i64().expect("the sandbox's pid") as i32;
+    // The host agent, or the VM's QEMU: either way the sandbox is gone.
+    // SAFETY: kill(2) takes plain integers; the PID is the test pod's.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // The monitor notices on its own: the persisted record turns NotReady
+    // with no CRI call in between.
+    let record = d
+        .state_dir()
+        .join("sandboxes")
+        .join(&pod)
+        .join("sandbox.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        let state = serde_json::from_str::<serde_json::Value>(&text)
+            .map(|v| v["state"].clone())
+            .unwrap_or_default();
+        if state == "NotReady" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox monitor did not mark the pod NOTREADY: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let state = cri
@@ -1028,9 +1102,8 @@ async fn a_dead_agent_makes_the_pod_notready_and_stop_cleans_up() {
 /// Regression: a daemon restart used to drop the agent output streams,
 /// which closed the container's stdout pipe, and the next write killed the
 /// container with SIGPIPE. Logs must keep flowing across restarts.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_chatty_container_survives_a_restart_and_keeps_logging() {
-    let mut d = Daemon::start("");
+async fn a_chatty_container_survives_a_restart_and_keeps_logging(b: Backend) {
+    let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "chatty", &[])).await;
     let c = create(
@@ -1063,6 +1136,255 @@ async fn a_chatty_container_survives_a_restart_and_keeps_logging() {
         "the container must survive the daemon's restart"
     );
     log_lines(&log, before + 3).await;
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+fn with_security(
+    mut config: ContainerConfig,
+    f: impl FnOnce(&mut LinuxContainerSecurityContext),
+) -> ContainerConfig {
+    let mut sc = LinuxContainerSecurityContext::default();
+    f(&mut sc);
+    config.linux = Some(LinuxContainerConfig {
+        security_context: Some(sc),
+        ..Default::default()
+    });
+    config
+}
+
+fn shared_pid_pod(d: &Daemon, name: &str) -> PodSandboxConfig {
+    let mut config = pod_config(d, name, &[]);
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                pid: NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
+/// Every security field is honoured or refused, never dropped: capability
+/// add/drop, Localhost seccomp profiles, the pod's own PID namespace, TTYs;
+/// AppArmor profiles, SELinux labels and host devices are refused.
+async fn security_contexts_are_honoured_or_refused(b: Backend) {
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, shared_pid_pod(&d, "secure")).await;
+
+    let caps = with_security(container_config("caps", &["sleep", "1000"], &[]), |sc| {
+        sc.capabilities = Some(Capability {
+            add_capabilities: vec!["NET_ADMIN".into()],
+            drop_capabilities: vec!["ALL".into()],
+            add_ambient_capabilities: vec![],
+        });
+        sc.namespace_options = Some(NamespaceOption {
+            pid: NamespaceMode::Pod as i32,
+            ..Default::default()
+        });
+    });
+    let caps = create(&mut cri, &pod, caps).await;
+    start(&mut cri, &caps).await;
+    let r = exec(
+        &mut cri,
+        &caps,
+        &["grep", "CapEff", "/proc/self/status"],
+        10,
+    )
+    .await
+    .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).split_whitespace().nth(1),
+        Some("0000000000001000"),
+        "exactly CAP_NET_ADMIN: {r:?}"
+    );
+
+    // The pod's PID namespace holds the pod, not the node: the sleeping
+    // container is visible from a second one, the daemon is not.
+    let peek = with_security(container_config("peek", &["sleep", "1000"], &[]), |sc| {
+        sc.namespace_options = Some(NamespaceOption {
+            pid: NamespaceMode::Pod as i32,
+            ..Default::default()
+        });
+    });
+    let peek = create(&mut cri, &pod, peek).await;
+    start(&mut cri, &peek).await;
+    let r = exec(
+        &mut cri,
+        &peek,
+        &[
+            "sh",
+            "-c",
+            "cat /proc/[0-9]*/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'",
+        ],
+        10,
+    )
+    .await
+    .expect("exec");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("sleep 1000"), "{out}");
+    // The agent is in there (as a pause process would be); the daemon and
+    // the rest of the node are not. (A VM pod's namespace is the guest's,
+    // kernel threads included.)
+    assert!(
+        !out.contains("vmpod serve"),
+        "the node's processes leak into the pod: {out}"
+    );
+    if b == Backend::Host {
+        let count: usize = out
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(999);
+        assert!(
+            count < 10,
+            "{count} processes in the pod's PID namespace: {out}"
+        );
+    }
+
+    // A Localhost seccomp profile from the node's disk.
+    let profile = d.dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO"}]}"#,
+    )
+    .expect("profile");
+    let confined = with_security(
+        container_config(
+            "confined",
+            &["sh", "-c", "mkdir /tmp/x && echo made || echo refused"],
+            &[],
+        ),
+        |sc| {
+            sc.seccomp = Some(SecurityProfile {
+                profile_type: security_profile::ProfileType::Localhost as i32,
+                localhost_ref: profile.display().to_string(),
+            })
+        },
+    );
+    let confined = create(&mut cri, &pod, confined).await;
+    start(&mut cri, &confined).await;
+    wait_exited(&mut cri, &confined).await;
+    let lines = log_lines(&d.log_root().join("secure/confined/0.log"), 1).await;
+    assert!(lines[0].ends_with(" refused"), "{lines:?}");
+
+    // A TTY container: its output is the terminal's, logged as stdout.
+    let mut tty = container_config("tty", &["sh", "-c", "tty; echo on-a-tty"], &[]);
+    tty.tty = true;
+    tty.stdin = true;
+    let tty = create(&mut cri, &pod, tty).await;
+    start(&mut cri, &tty).await;
+    wait_exited(&mut cri, &tty).await;
+    let lines = log_lines(&d.log_root().join("secure/tty/0.log"), 2).await;
+    assert!(
+        lines.iter().any(|l| l.contains(" stdout F /dev/pts/")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("on-a-tty")), "{lines:?}");
+
+    let refused = [
+        with_security(container_config("aa", &["true"], &[]), |sc| {
+            sc.apparmor = Some(SecurityProfile {
+                profile_type: security_profile::ProfileType::Localhost as i32,
+                localhost_ref: "k8s-nginx".into(),
+            })
+        }),
+        with_security(container_config("se", &["true"], &[]), |sc| {
+            sc.selinux_options = Some(SeLinuxOption {
+                level: "s0:c1,c2".into(),
+                ..Default::default()
+            })
+        }),
+        with_security(container_config("amb", &["true"], &[]), |sc| {
+            sc.capabilities = Some(Capability {
+                add_ambient_capabilities: vec!["NET_RAW".into()],
+                ..Default::default()
+            })
+        }),
+        ContainerConfig {
+            devices: vec![Device {
+                container_path: "/dev/kvm".into(),
+                host_path: "/dev/kvm".into(),
+                permissions: "rw".into(),
+            }],
+            ..container_config("dev", &["true"], &[])
+        },
+    ];
+    for config in refused {
+        let name = config.metadata.as_ref().map(|m| m.name.clone());
+        let r = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(config),
+                sandbox_config: None,
+            })
+            .await;
+        assert_eq!(code(r), Code::Unimplemented, "{name:?}");
+    }
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+/// hostPID and hostIPC pods, where the config allows them (host backend
+/// only): the node's namespaces, visibly.
+async fn host_pid_and_ipc_where_allowed(b: Backend) {
+    let d = Daemon::on(b, "[host]\nallow_host_pid = true\nallow_host_ipc = true\n");
+    let mut cri = d.client().await;
+    let mut config = pod_config(&d, "hostpid", &[]);
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                pid: NamespaceMode::Node as i32,
+                ipc: NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    if b == Backend::Vm {
+        let r = cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await;
+        assert_eq!(code(r), Code::FailedPrecondition);
+        assert_no_leaks(&d, &[]);
+        return;
+    }
+    let pod = run_pod(&mut cri, config).await;
+    let c = with_security(container_config("c", &["sleep", "1000"], &[]), |sc| {
+        sc.namespace_options = Some(NamespaceOption {
+            pid: NamespaceMode::Node as i32,
+            ipc: NamespaceMode::Node as i32,
+            ..Default::default()
+        });
+    });
+    let c = create(&mut cri, &pod, c).await;
+    start(&mut cri, &c).await;
+    let r = exec(
+        &mut cri,
+        &c,
+        &["sh", "-c", "readlink /proc/self/ns/pid /proc/self/ns/ipc"],
+        10,
+    )
+    .await
+    .expect("exec");
+    let ours = format!(
+        "{}\n{}\n",
+        std::fs::read_link("/proc/self/ns/pid")
+            .expect("pid ns")
+            .display(),
+        std::fs::read_link("/proc/self/ns/ipc")
+            .expect("ipc ns")
+            .display()
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stdout), ours);
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }
