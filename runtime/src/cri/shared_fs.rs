@@ -210,6 +210,11 @@ impl Share {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         }
+        // Nothing to share: nothing to touch (and pods started before the
+        // share existed keep running containers without volumes).
+        if mounts.is_empty() && image_file.is_none() {
+            return Ok(Exposed::default());
+        }
         if !self.is_prepared() {
             return Err(SharedFsError::NoShare);
         }
@@ -713,6 +718,19 @@ mod tests {
 
         let share = Share::new(&sandbox);
         assert!(!share.is_prepared());
+        // Without a share, a container with nothing to share still works;
+        // one with a volume gets FailedPrecondition material.
+        assert_eq!(share.expose("c0", &[], None).unwrap(), Exposed::default());
+        assert!(!share.staging().exists());
+        let vol = [MountRecord {
+            container_path: "/x".into(),
+            host_path: rw.display().to_string(),
+            readonly: false,
+        }];
+        assert!(matches!(
+            share.expose("c0", &vol, None),
+            Err(SharedFsError::NoShare)
+        ));
         share.prepare().unwrap();
         assert!(share.is_prepared());
         let mounts = [
