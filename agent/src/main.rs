@@ -15,6 +15,7 @@ mod init;
 mod process;
 mod sandbox;
 mod server;
+mod shared_fs;
 mod transport;
 
 use std::path::PathBuf;
@@ -169,6 +170,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
+    if mode == Mode::Guest {
+        match shared_fs::mount_at_boot() {
+            Ok(true) => tracing::info!(at = shared_fs::MOUNT_POINT, "pod share mounted"),
+            Ok(false) => tracing::info!("no pod share (no virtio-fs device with our tag)"),
+            // Containers without volumes still run: report, do not die.
+            Err(e) => tracing::warn!(error = %container::chain(&e), "pod share not mounted"),
+        }
+    }
     let args = match parse_args(mode, argv.into_iter().skip(1)) {
         Ok(args) => args,
         Err(msg) => return fail(msg),

@@ -17,3 +17,12 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The line the agent prints on its console once it serves the API. The
 /// VMM, the QEMU launcher and the tests wait for it.
 pub const READY_LINE_PREFIX: &str = "vmpod-agent: ready";
+
+/// The virtio-fs tag of a pod VM's shared directory (the host runs one
+/// virtiofsd per pod; the agent mounts the tag at boot).
+pub const SHARED_FS_TAG: &str = "vmpod";
+
+/// A mount or rootfs source `shared:<relative path>` names a file or
+/// directory inside the pod's virtio-fs share; the agent maps it to its
+/// mount point of the share.
+pub const SHARED_SOURCE_PREFIX: &str = "shared:";

@@ -250,6 +250,7 @@ impl Drop for Daemon {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+        self.unmount_leftovers();
         let Ok(entries) = std::fs::read_dir(self.state_dir().join("sandboxes")) else {
             return;
         };
@@ -260,7 +261,7 @@ impl Drop for Daemon {
             let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&text) else {
                 continue;
             };
-            for key in ["agent_pid", "vmm_pid", "vsock_pid"] {
+            for key in ["agent_pid", "vmm_pid", "vsock_pid", "virtiofsd_pid"] {
                 if let Some(pid) = rec[key].as_i64().and_then(|p| i32::try_from(p).ok()) {
                     // SAFETY: kill(2) takes plain integers; the PID is one
                     // this test's daemon started and recorded.
@@ -272,6 +273,22 @@ impl Drop for Daemon {
             }
             if let Some(netns) = rec["netns"].as_str()
                 && let Ok(c) = std::ffi::CString::new(netns)
+            {
+                // SAFETY: umount2 takes a NUL-terminated path that lives
+                // for the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+impl Daemon {
+    /// VM pods' share mounts a failed test left: detached, deepest first,
+    /// so the temp dir's removal never deletes through them.
+    fn unmount_leftovers(&self) {
+        for line in mounts_under(self.dir.path()).iter().rev() {
+            if let Some(point) = line.split(' ').nth(4)
+                && let Ok(c) = std::ffi::CString::new(point)
             {
                 // SAFETY: umount2 takes a NUL-terminated path that lives
                 // for the call.

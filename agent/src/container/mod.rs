@@ -447,8 +447,14 @@ impl Manager {
     }
 
     /// CreateContainer.
-    pub async fn create(&self, req: CreateContainerRequest) -> Result<(), ContainerError> {
+    pub async fn create(&self, mut req: CreateContainerRequest) -> Result<(), ContainerError> {
         validate_id("container ID", &req.container_id)?;
+        crate::shared_fs::map_sources(&mut req).map_err(|e| match e {
+            crate::shared_fs::SharedFsError::NoShare(_) => {
+                ContainerError::FailedPrecondition(chain(&e))
+            }
+            _ => ContainerError::InvalidArgument(chain(&e)),
+        })?;
         let id = req.container_id.clone();
         let rootfs_spec = req
             .rootfs

@@ -10,6 +10,7 @@ use k8s_cri::v1::{
 use vmpod_proto::v1 as agent;
 
 use super::image::ImageConfig;
+use super::shared_fs::Share;
 use super::store::{ContainerRecord, ContainerState, ExecBase, MountRecord, SandboxState};
 use super::{Container, Cri, CriError, lock, new_id, now_ns};
 
@@ -58,24 +59,6 @@ impl Cri {
         let image = self.images.resolve(&image_ref)?;
         let log_path = self.log_path(&srec.log_directory, &config.log_path)?;
         let mounts = mounts(&config)?;
-        if srec.is_vm() && !mounts.is_empty() {
-            return Err(CriError::Unimplemented(
-                "volumes in VM pods need a shared file system (virtio-fs), not implemented yet"
-                    .into(),
-            ));
-        }
-        let rootfs_source = if srec.is_vm() {
-            let serial = srec.image_disks.get(&image.id).ok_or_else(|| {
-                CriError::FailedPrecondition(format!(
-                    "image {image_ref:?} was not present when pod {} booted, and QEMU's microvm \
-                     cannot hot-add its disk; recreate the pod",
-                    srec.id
-                ))
-            })?;
-            format!("serial:{serial}")
-        } else {
-            image.erofs_path.display().to_string()
-        };
         let security = config
             .linux
             .as_ref()
@@ -112,7 +95,36 @@ impl Cri {
             ));
         }
         let mut agent_client = sandbox.agent()?;
-        agent_client
+        // VM pods: volumes, and an image that has no boot disk, reach the
+        // guest through the pod's virtio-fs share (shared_fs.rs).
+        let share = srec
+            .is_vm()
+            .then(|| Share::new(&self.state.sandbox_dir(&srec.id)));
+        let boot_disk = srec.image_disks.get(&image.id);
+        let exposed = match &share {
+            Some(share) => {
+                let late_image = boot_disk.is_none().then_some(image.erofs_path.as_path());
+                Some(share.expose(&id, &mounts, late_image)?)
+            }
+            None => None,
+        };
+        let withdraw = || {
+            if let Some(share) = &share
+                && let Err(e) = share.withdraw(&id)
+            {
+                tracing::warn!(container = %id, error = %super::error_chain(&e), "withdrawing a failed container's share");
+            }
+        };
+        let rootfs_source = match (&exposed, boot_disk) {
+            (None, _) => image.erofs_path.display().to_string(),
+            (Some(_), Some(serial)) => format!("serial:{serial}"),
+            (Some(e), None) => e.rootfs_source.clone().unwrap_or_default(),
+        };
+        let mount_sources: Vec<String> = match &exposed {
+            Some(e) => e.mount_sources.clone(),
+            None => mounts.iter().map(|m| m.host_path.clone()).collect(),
+        };
+        let created = agent_client
             .create_container(agent::CreateContainerRequest {
                 container_id: id.clone(),
                 rootfs: Some(agent::Rootfs {
@@ -127,9 +139,10 @@ impl Cri {
                 process: Some(process),
                 mounts: mounts
                     .iter()
-                    .map(|m| agent::Mount {
+                    .zip(&mount_sources)
+                    .map(|(m, source)| agent::Mount {
                         destination: m.container_path.clone(),
-                        source: m.host_path.clone(),
+                        source: source.clone(),
                         r#type: "bind".into(),
                         options: vec![if m.readonly { "ro" } else { "rw" }.into()],
                     })
@@ -139,8 +152,11 @@ impl Cri {
                 sysctls: Default::default(),
                 hostname: srec.hostname.clone(),
             })
-            .await
-            .map_err(CriError::agent("CreateContainer"))?;
+            .await;
+        if let Err(status) = created {
+            withdraw();
+            return Err(CriError::agent("CreateContainer")(status));
+        }
         let rec = ContainerRecord {
             id: id.clone(),
             sandbox_id: srec.id.clone(),
@@ -170,6 +186,7 @@ impl Cri {
                     container_id: id.clone(),
                 })
                 .await;
+            withdraw();
             return Err(e.into());
         }
         lock(&self.containers).insert(

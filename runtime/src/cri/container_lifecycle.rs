@@ -268,6 +268,10 @@ impl Cri {
                     Err(s) => return Err(CriError::agent("RemoveContainer")(s)),
                 }
             }
+            if sandbox.rec().is_vm() {
+                super::shared_fs::Share::new(&self.state.sandbox_dir(&rec.sandbox_id))
+                    .withdraw(&rec.id)?;
+            }
         }
         {
             let mut r = lock(&container.rec);

@@ -25,6 +25,7 @@ mod sandbox_run;
 mod security;
 pub mod serve;
 pub mod service;
+pub mod shared_fs;
 mod stats;
 pub mod store;
 pub mod vm_sandbox;
@@ -67,6 +68,8 @@ pub enum CriError {
     HostSandbox(#[from] host_sandbox::HostSandboxError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    #[error(transparent)]
+    SharedFs(#[from] shared_fs::SharedFsError),
     #[error("the agent cannot be reached")]
     AgentUnreachable(#[source] crate::agent_client::AgentClientError),
 }
@@ -85,10 +88,16 @@ impl CriError {
             CriError::Agent { status, .. } => status.code(),
             CriError::Image(image::ImageError::NotFound(_)) => Code::NotFound,
             CriError::AgentUnreachable(_) => Code::Unavailable,
+            CriError::SharedFs(
+                shared_fs::SharedFsError::MissingSource(_)
+                | shared_fs::SharedFsError::UnsupportedSource(_),
+            ) => Code::InvalidArgument,
+            CriError::SharedFs(shared_fs::SharedFsError::NoShare) => Code::FailedPrecondition,
             CriError::Internal(_)
             | CriError::Store(_)
             | CriError::HostSandbox(_)
-            | CriError::Image(_) => Code::Internal,
+            | CriError::Image(_)
+            | CriError::SharedFs(_) => Code::Internal,
         };
         tonic::Status::new(code, error_chain(self))
     }

@@ -11,6 +11,7 @@ use k8s_cri::v1::{
 };
 
 use super::host_sandbox;
+use super::shared_fs;
 use super::store::{ContainerState, SandboxState};
 use super::{Container, Cri, CriError, Sandbox, lock, now_ns};
 use crate::agent_client;
@@ -56,6 +57,14 @@ impl Cri {
         }
         if let Some(pid) = rec.vsock_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, Duration::ZERO).await;
+        }
+        if let Some(pid) = rec.virtiofsd_pid.filter(|&p| rec.owns(p)) {
+            host_sandbox::end_process(pid, Duration::ZERO).await;
+        }
+        // Nothing reads the share once the VM is gone: a stopped pod holds
+        // no host mounts.
+        if rec.is_vm() {
+            shared_fs::Share::new(&self.state.sandbox_dir(&rec.id)).teardown()?;
         }
         if !rec.is_vm() {
             host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
@@ -121,15 +130,9 @@ impl Cri {
             lock(&self.containers).remove(&r.id);
             self.emit(&r, ContainerEventType::ContainerDeletedEvent);
         }
-        let dir = self.state.sandbox_dir(&id);
-        if let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(CriError::Internal(format!(
-                "removing {}: {e}",
-                dir.display()
-            )));
-        }
+        // Never through a mount left under it: that would delete a
+        // volume's files.
+        shared_fs::remove_sandbox_dir(&self.state.sandbox_dir(&id))?;
         let _ = std::fs::remove_dir_all(self.state.socket_dir(&id));
         lock(&self.sandboxes).remove(&id);
         tracing::info!(sandbox = %id, "pod sandbox removed");

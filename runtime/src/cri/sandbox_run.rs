@@ -121,6 +121,7 @@ impl Cri {
             backend: String::from(if host_backend { "host" } else { "vm" }),
             vmm_pid: None,
             vsock_pid: None,
+            virtiofsd_pid: None,
             image_disks: Default::default(),
             pid_starts: Default::default(),
         };
@@ -197,12 +198,17 @@ impl Cri {
         undo.push(Step::RemoveDir(dir.clone()));
         let sockets = self.make_socket_dir(&rec.id, undo)?;
         let images = self.images.list();
+        // Before the VM starts: its share's mounts go before its dir.
+        undo.push(Step::TearDownShare(dir.clone()));
         let vm = vm_sandbox::start(&dir, &sockets, handler, &images)?;
+        undo.push(Step::KillProcess(vm.virtiofsd_pid));
         undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
         rec.vmm_pid = Some(vm.vmm_pid);
         rec.vsock_pid = Some(vm.vsock_pid);
+        rec.virtiofsd_pid = Some(vm.virtiofsd_pid);
         rec.note_pid(vm.vmm_pid);
         rec.note_pid(vm.vsock_pid);
+        rec.note_pid(vm.virtiofsd_pid);
         rec.agent_socket = vm.uds;
         rec.image_disks = vm.image_disks;
         let agent = agent_client::connect_ready(&rec.agent_addr(), vm_sandbox::BOOT_TIMEOUT)
@@ -270,6 +276,8 @@ enum Step {
     RemoveNetns(std::path::PathBuf),
     KillAgent(i32, String),
     KillVm(i32, i32),
+    KillProcess(i32),
+    TearDownShare(std::path::PathBuf),
 }
 
 /// Undo steps, run in reverse on failure.
@@ -286,12 +294,21 @@ impl Rollback {
             tracing::debug!(?step, "rolling back");
             match step {
                 Step::RemoveDir(dir) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    // Never through a mount left under it.
+                    if let Err(e) = super::shared_fs::remove_sandbox_dir(&dir) {
+                        tracing::warn!(error = %super::error_chain(&e), "removing a sandbox dir");
+                    }
                 }
                 Step::RemoveNetns(path) => host_sandbox::remove_netns(&path),
                 Step::KillVm(vmm, vsock) => {
                     host_sandbox::end_process(vmm, Duration::ZERO).await;
                     host_sandbox::end_process(vsock, Duration::ZERO).await;
+                }
+                Step::KillProcess(pid) => host_sandbox::end_process(pid, Duration::ZERO).await,
+                Step::TearDownShare(dir) => {
+                    if let Err(e) = super::shared_fs::Share::new(&dir).teardown() {
+                        tracing::warn!(error = %super::error_chain(&e), "tearing down a pod share");
+                    }
                 }
                 Step::KillAgent(pid, cgroup_parent) => {
                     host_sandbox::end_process(pid, Duration::ZERO).await;

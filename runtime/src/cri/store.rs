@@ -78,6 +78,9 @@ pub struct SandboxRecord {
     pub vmm_pid: Option<i32>,
     #[serde(default)]
     pub vsock_pid: Option<i32>,
+    /// VM backend: the pod's virtiofsd (volumes and late images).
+    #[serde(default)]
+    pub virtiofsd_pid: Option<i32>,
     /// VM backend: image ID → the serial of its disk in the guest.
     #[serde(default)]
     pub image_disks: BTreeMap<String, String>,

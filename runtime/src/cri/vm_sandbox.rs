@@ -7,8 +7,10 @@
 //!
 //! Images: QEMU's microvm machine cannot hot-add disks, so every image the
 //! resolver knows when the pod boots is attached as a read-only virtio-blk
-//! disk (serial `img<N>`); a container of an image that came later gets
-//! FailedPrecondition. Hot-plugged block slots are the `vmpod` VMM's job.
+//! disk (serial `img<N>`); the erofs file of an image that came later
+//! reaches the guest through the pod's virtio-fs share (see shared_fs.rs),
+//! as do the containers' volumes. Hot-plugged block slots are the `vmpod`
+//! VMM's job.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +20,8 @@ use super::CriError;
 use super::config::{Accel, Handler, Hypervisor};
 use super::host_sandbox;
 use super::image::ResolvedImage;
-use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostVsock};
+use super::shared_fs::{self, Share};
+use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostUserFs, VhostVsock};
 
 /// The guest's vsock context ID (each pod has its own vhost-device-vsock).
 const GUEST_CID: u32 = 3;
@@ -32,6 +35,7 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct StartedVm {
     pub vmm_pid: i32,
     pub vsock_pid: i32,
+    pub virtiofsd_pid: i32,
     /// The hybrid-vsock socket.
     pub uds: std::path::PathBuf,
     /// Image ID → disk serial.
@@ -92,6 +96,22 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The share must exist before virtiofsd exports it; on any error below
+    // the caller's rollback tears it down.
+    let share = Share::new(dir);
+    if let Err(e) = share.prepare() {
+        kill(vsock_pid);
+        return Err(e.into());
+    }
+    let fs_socket = sockets.join("fs.sock");
+    let virtiofsd_pid =
+        match shared_fs::start_virtiofsd(&share, &fs_socket, &dir.join("virtiofsd.log")) {
+            Ok(pid) => pid,
+            Err(e) => {
+                kill(vsock_pid);
+                return Err(e.into());
+            }
+        };
     let mut cfg = QemuConfig::new(
         kernel,
         initramfs,
@@ -103,6 +123,10 @@ pub fn start(
     cfg.vcpus = handler.vcpus.unwrap_or(1);
     cfg.memory_mib = handler.memory_mib.unwrap_or(256);
     cfg.vhost_user_vsock = Some(vhost_socket);
+    cfg.vhost_user_fs = Some(VhostUserFs {
+        socket: fs_socket,
+        tag: shared_fs::TAG.into(),
+    });
     let mut image_disks = BTreeMap::new();
     for (i, img) in images.iter().enumerate() {
         let serial = format!("img{i}");
@@ -118,12 +142,14 @@ pub fn start(
         Ok(pid) => pid,
         Err(e) => {
             kill(vsock_pid);
+            kill(virtiofsd_pid);
             return Err(e.into());
         }
     };
     Ok(StartedVm {
         vmm_pid,
         vsock_pid,
+        virtiofsd_pid,
         uds,
         image_disks,
     })

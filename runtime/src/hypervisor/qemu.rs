@@ -78,8 +78,18 @@ pub struct QemuConfig {
     /// [`VhostVsock`]): gives the guest a vsock device whose host side is
     /// that daemon's hybrid vsock socket.
     pub vhost_user_vsock: Option<PathBuf>,
+    /// A virtio-fs device served by a running virtiofsd.
+    pub vhost_user_fs: Option<VhostUserFs>,
     /// virtio-blk disks, in order.
     pub disks: Vec<QemuDisk>,
+}
+
+/// A virtio-fs share: the guest mounts `tag`; virtiofsd serves it on the
+/// vhost-user `socket`.
+#[derive(Clone, Debug)]
+pub struct VhostUserFs {
+    pub socket: PathBuf,
+    pub tag: String,
 }
 
 /// A raw disk image given to the guest as a virtio-blk device.
@@ -104,6 +114,7 @@ impl QemuConfig {
             memory_mib: 256,
             extra_cmdline: String::new(),
             vhost_user_vsock: None,
+            vhost_user_fs: None,
             disks: Vec::new(),
         }
     }
@@ -125,7 +136,7 @@ impl QemuConfig {
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         let memory = format!("{}M", self.memory_mib);
-        if self.vhost_user_vsock.is_some() {
+        if self.vhost_user_vsock.is_some() || self.vhost_user_fs.is_some() {
             // vhost-user devices need guest RAM the backend can map: a shared memfd.
             cmd.args(["-M", "microvm,acpi=off,memory-backend=mem"])
                 .args([
@@ -169,6 +180,14 @@ impl QemuConfig {
             cmd.arg("-chardev")
                 .arg(chardev)
                 .args(["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+        }
+        if let Some(fs) = &self.vhost_user_fs {
+            let mut chardev = std::ffi::OsString::from("socket,id=fs0,path=");
+            chardev.push(&fs.socket);
+            cmd.arg("-chardev").arg(chardev).args([
+                "-device",
+                &format!("vhost-user-fs-device,chardev=fs0,tag={}", fs.tag),
+            ]);
         }
         cmd
     }
@@ -486,6 +505,47 @@ mod tests {
             joined.contains("-device vhost-user-vsock-device,chardev=vsock0"),
             "{joined}"
         );
+    }
+
+    #[test]
+    fn vhost_user_fs_is_a_virtio_fs_device_on_shared_memory() {
+        let mut cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
+        cfg.memory_mib = 512;
+        cfg.vhost_user_fs = Some(VhostUserFs {
+            socket: "/run/s/fs.sock".into(),
+            tag: "vmpod".into(),
+        });
+        let joined = command_line(&cfg);
+        // virtiofsd maps guest RAM to serve requests: it must be shared
+        // even without a vsock device.
+        assert!(
+            joined.contains("-M microvm,acpi=off,memory-backend=mem"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-chardev socket,id=fs0,path=/run/s/fs.sock"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-device vhost-user-fs-device,chardev=fs0,tag=vmpod"),
+            "{joined}"
+        );
+        assert!(!joined.contains("vsock"), "{joined}");
+
+        // Both vhost-user devices share one memory backend.
+        cfg.vhost_user_vsock = Some("/run/s/v.sock".into());
+        let joined = command_line(&cfg);
+        assert_eq!(
+            joined.matches("memory-backend-memfd").count(),
+            1,
+            "{joined}"
+        );
+        assert!(joined.contains("chardev=vsock0"), "{joined}");
+        assert!(joined.contains("chardev=fs0"), "{joined}");
     }
 
     #[test]
