@@ -211,7 +211,12 @@ impl Cri {
         rec.note_pid(vm.virtiofsd_pid);
         rec.agent_socket = vm.uds;
         rec.image_disks = vm.image_disks;
-        let agent = agent_client::connect_ready(&rec.agent_addr(), vm_sandbox::BOOT_TIMEOUT)
+        let booted = std::time::Instant::now();
+        vm_sandbox::wait_console_ready(&dir, &rec, vm_sandbox::BOOT_TIMEOUT).await?;
+        let left = vm_sandbox::BOOT_TIMEOUT
+            .saturating_sub(booted.elapsed())
+            .max(Duration::from_secs(10));
+        let agent = agent_client::connect_ready(&rec.agent_addr(), left)
             .await
             .map_err(|e| {
                 CriError::Internal(format!(

@@ -163,6 +163,61 @@ pub fn kill(pid: i32) {
     );
 }
 
+/// What the agent prints on the guest console once it listens.
+const READY_LINE: &[u8] = b"vmpod-agent: ready ";
+
+/// Waits until the guest console shows the agent's ready line; ends early
+/// when a VM process dies. Dialing the hybrid vsock before that is what
+/// vhost-device-vsock 0.3 sometimes never recovers from ("backend event
+/// before vring initialization": the connection is dropped and later ones
+/// get no handshake reply), so the daemon does not dial before it. The
+/// line is only a hint: Health over vsock still decides.
+pub async fn wait_console_ready(
+    dir: &Path,
+    rec: &super::store::SandboxRecord,
+    timeout: Duration,
+) -> Result<(), CriError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join("console.log");
+    let deadline = Instant::now() + timeout;
+    let mut offset = 0u64;
+    // The tail of the previous chunk, so a line split across reads is seen.
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(&path)
+            && f.seek(SeekFrom::Start(offset)).is_ok()
+        {
+            let mut chunk = Vec::new();
+            // Bounded per poll: a guest may print without end.
+            if let Ok(n) = f.take(1 << 20).read_to_end(&mut chunk) {
+                offset += n as u64;
+                carry.extend_from_slice(&chunk);
+                if carry.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
+                    return Ok(());
+                }
+                let keep = carry.len().saturating_sub(READY_LINE.len());
+                carry.drain(..keep);
+            }
+        }
+        let dead = [rec.vmm_pid, rec.vsock_pid]
+            .into_iter()
+            .flatten()
+            .any(|p| !rec.owns(p));
+        if dead || Instant::now() >= deadline {
+            return Err(CriError::Internal(format!(
+                "the pod VM's agent did not come up ({}) in {timeout:?}\nconsole:\n{}",
+                if dead {
+                    "a VM process ended"
+                } else {
+                    "no ready line"
+                },
+                console_tail(dir)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The last lines of the guest console, for error messages.
 pub fn console_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
