@@ -65,6 +65,8 @@ impl Cri {
                     .into(),
             ));
         }
+        // The vmpod VMM hot-plugs the image's disk now if the pod lacks it.
+        let srec = self.ensure_image_disk(&sandbox, &image).await?;
         let rootfs_source = if srec.is_vm() {
             let serial = srec.image_disks.get(&image.id).ok_or_else(|| {
                 CriError::FailedPrecondition(format!(

@@ -26,6 +26,7 @@ pub mod service;
 mod stats;
 pub mod store;
 pub mod vm_sandbox;
+pub mod vmm_sandbox;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,8 @@ pub enum CriError {
     #[error("{0}")]
     DeadlineExceeded(String),
     #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
     Internal(String),
     /// An agent call failed; its code is kept.
     #[error("agent {what}: {}", .status.message())]
@@ -65,6 +68,8 @@ pub enum CriError {
     HostSandbox(#[from] host_sandbox::HostSandboxError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    #[error(transparent)]
+    VmmSandbox(#[from] vmm_sandbox::VmmSandboxError),
     #[error("the agent cannot be reached")]
     AgentUnreachable(#[source] crate::agent_client::AgentClientError),
 }
@@ -80,12 +85,14 @@ impl CriError {
             CriError::AlreadyExists(_) => Code::AlreadyExists,
             CriError::Unimplemented(_) => Code::Unimplemented,
             CriError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            CriError::ResourceExhausted(_) => Code::ResourceExhausted,
             CriError::Agent { status, .. } => status.code(),
             CriError::Image(image::ImageError::NotFound(_)) => Code::NotFound,
             CriError::AgentUnreachable(_) => Code::Unavailable,
             CriError::Internal(_)
             | CriError::Store(_)
             | CriError::HostSandbox(_)
+            | CriError::VmmSandbox(_)
             | CriError::Image(_) => Code::Internal,
         };
         tonic::Status::new(code, error_chain(self))

@@ -49,10 +49,12 @@ impl Cri {
         if let Some(pid) = rec.agent_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
         }
-        // A VM guest ends by rebooting, which QEMU (-no-reboot) turns into
-        // its exit; then its vsock backend goes.
+        // A VM guest ends by rebooting, which QEMU (-no-reboot) and our
+        // VMM (reboot=k) turn into their exit; then QEMU's vsock backend
+        // goes. Our VMM is also asked through its control socket.
         if let Some(pid) = rec.vmm_pid.filter(|&p| rec.owns(p)) {
-            host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
+            super::vmm_sandbox::end_vmm(&self.state.sandbox_dir(&rec.id), pid, SHUTDOWN_TIMEOUT)
+                .await;
         }
         if let Some(pid) = rec.vsock_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, Duration::ZERO).await;

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 
-use super::config::Backend;
+use super::config::{Backend, Hypervisor};
 use super::host_sandbox::{self, AgentLaunch};
 use super::store::{SandboxRecord, SandboxState};
-use super::vm_sandbox;
 use super::{Cri, CriError, Sandbox, new_id, now_ns};
+use super::{vm_sandbox, vmm_sandbox};
 use crate::agent_client;
 
 /// How long a new host agent has to answer Health.
@@ -194,6 +194,12 @@ impl Cri {
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
         undo: &mut Rollback,
     ) -> Result<Sandbox, CriError> {
+        // vCPUs and memory: the handler's plus the pod's limits, on both
+        // hypervisors.
+        let handler = &vmm_sandbox::sized_handler(handler, linux.as_ref())?;
+        if handler.hypervisor() == Hypervisor::Vmpod {
+            return self.start_vmm_sandbox(rec, handler, dns, linux, undo).await;
+        }
         let dir = self.state.sandbox_dir(&rec.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
@@ -208,7 +214,7 @@ impl Cri {
         rec.note_pid(vm.vsock_pid);
         rec.agent_socket = vm.uds;
         rec.image_disks = vm.image_disks;
-        let agent = agent_client::connect_ready(&rec.agent_addr(), vm_sandbox::BOOT_TIMEOUT)
+        let agent = agent_client::connect_ready(&rec.agent_addr(), handler.boot_timeout())
             .await
             .map_err(|e| {
                 CriError::Internal(format!(
@@ -222,7 +228,7 @@ impl Cri {
 
     /// Creates the sandbox's socket dir (it must be new: its name is a
     /// prefix of the ID).
-    fn make_socket_dir(
+    pub(super) fn make_socket_dir(
         &self,
         id: &str,
         undo: &mut Rollback,
@@ -239,7 +245,7 @@ impl Cri {
     }
 
     /// SetupSandbox, then the record is persisted: the sandbox exists.
-    async fn setup(
+    pub(super) async fn setup(
         &self,
         rec: SandboxRecord,
         mut agent: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
@@ -268,19 +274,21 @@ impl Cri {
 
 /// One undo step of a half-made sandbox.
 #[derive(Debug)]
-enum Step {
+pub(super) enum Step {
     RemoveDir(std::path::PathBuf),
     RemoveNetns(std::path::PathBuf),
     KillAgent(i32, String),
     KillVm(i32, i32),
+    /// SIGKILL one process (the `vmpod` VMM).
+    KillProcess(i32),
 }
 
 /// Undo steps, run in reverse on failure.
 #[derive(Debug, Default)]
-struct Rollback(Vec<Step>);
+pub(super) struct Rollback(Vec<Step>);
 
 impl Rollback {
-    fn push(&mut self, step: Step) {
+    pub(super) fn push(&mut self, step: Step) {
         self.0.push(step);
     }
 
@@ -296,6 +304,7 @@ impl Rollback {
                     host_sandbox::end_process(vmm, Duration::ZERO).await;
                     host_sandbox::end_process(vsock, Duration::ZERO).await;
                 }
+                Step::KillProcess(pid) => host_sandbox::end_process(pid, Duration::ZERO).await,
                 Step::KillAgent(pid, cgroup_parent) => {
                     host_sandbox::end_process(pid, Duration::ZERO).await;
                     host_sandbox::remove_cgroups(&cgroup_parent).await;

@@ -46,10 +46,10 @@ pub fn start(
     handler: &Handler,
     images: &[ResolvedImage],
 ) -> Result<StartedVm, CriError> {
-    if handler.hypervisor == Some(Hypervisor::Vmpod) {
-        return Err(CriError::Unimplemented(
-            "the vmpod hypervisor is not wired into the CRI server yet; use hypervisor = \"qemu\""
-                .into(),
+    // The vmpod hypervisor is started by `vmm_sandbox`.
+    if handler.hypervisor() != Hypervisor::Qemu {
+        return Err(CriError::Internal(
+            "vm_sandbox::start runs QEMU only".into(),
         ));
     }
     let kernel = handler
