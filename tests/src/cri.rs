@@ -57,7 +57,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `vmpod serve` with the default test config plus `extra` TOML.
+    /// Starts `vmpod serve` with the default test config plus `extra` TOML
+    /// (top-level keys or whole `[handlers.<name>]` tables). Handlers:
+    /// `host`; `vm`, explicitly QEMU with TCG, because this machine's KVM
+    /// (PVM) cannot boot a stock Linux guest and `vmpod` is the default
+    /// hypervisor of a vm handler; `vmpod`, our own VMM on /dev/kvm.
     pub fn start(extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("vmpod.sock");
@@ -69,6 +73,7 @@ impl Daemon {
              [handlers.vm]\nbackend = \"vm\"\nhypervisor = \"qemu\"\naccel = \"tcg\"\n\
              kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
              [handlers.vmpod]\nbackend = \"vm\"\nhypervisor = \"vmpod\"\n\
+             kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
              [[static_images]]\nname = \"{BUSYBOX}\"\nerofs = \"{erofs}\"\noci_layout = \"{layout}\"\n",
             state = dir.path().join("state").display(),
             logs = dir.path().join("logs").display(),

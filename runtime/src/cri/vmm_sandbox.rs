@@ -223,6 +223,12 @@ pub fn vmm_config(dir: &Path, sockets: &Path, handler: &Handler) -> Result<VmmCo
 /// (this very binary) in its own session, stderr to `<dir>/vmm.log`.
 /// Returns its PID.
 pub fn spawn_vmm(dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmSandboxError> {
+    let exe = std::env::current_exe().map_err(VmmSandboxError::CurrentExe)?;
+    spawn_vmm_with(&exe, dir, cfg)
+}
+
+/// [`spawn_vmm`] with the `vmpod` binary given (tests run it from theirs).
+pub fn spawn_vmm_with(vmpod: &Path, dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmSandboxError> {
     let path = dir.join(CONFIG_FILE);
     let json = serde_json::to_vec_pretty(cfg).map_err(|e| VmmSandboxError::WriteConfig {
         path: path.clone(),
@@ -232,8 +238,7 @@ pub fn spawn_vmm(dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmSandboxError> {
         path: path.clone(),
         source,
     })?;
-    let exe = std::env::current_exe().map_err(VmmSandboxError::CurrentExe)?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = std::process::Command::new(vmpod);
     cmd.arg("vmm").arg("--config").arg(&path);
     Ok(host_sandbox::spawn_detached(cmd, None, &dir.join(VMM_LOG))?)
 }
