@@ -451,6 +451,21 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let len = doc[start..].find("```").expect("the block's end");
+        let cfg = Config::parse(&doc[start..start + len]).unwrap();
+        let vm = cfg.handler("").unwrap().1;
+        assert_eq!(vm.hypervisor(), Hypervisor::Vmpod);
+        assert_eq!(vm.block_slots(), DEFAULT_BLOCK_SLOTS);
+        assert_eq!(
+            cfg.handler("vm-qemu").unwrap().1.hypervisor(),
+            Hypervisor::Qemu
+        );
+    }
+
+    #[test]
     fn custom_handlers() {
         let cfg = Config::parse(
             "default_handler = \"fast\"\n[handlers.fast]\nbackend = \"host\"\n\
