@@ -286,6 +286,54 @@ async fn a_vm_that_ends_before_its_agent_answers_fails_at_once() {
     }
 }
 
+/// A daemon killed while a pod VM boots leaves a VMM and its dirs but no
+/// record; the next daemon ends them before it serves. The freestanding
+/// guest in `guest.idle` mode stays up without ever answering as an agent,
+/// so the kill always lands mid-boot, on any KVM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_killed_during_runpodsandbox_leaves_no_vmm_behind() {
+    require_kvm();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let elf = build_freestanding_guest(tmp.path());
+    let extra = format!(
+        "[handlers.idle]\nbackend = \"vm\"\nhypervisor = \"vmpod\"\nkernel = \"{}\"\n\
+         initramfs = \"{}\"\nkernel_args = \"guest.idle\"\nboot_timeout_secs = 600\n",
+        elf.display(),
+        artefact("initramfs.cpio").display(),
+    );
+    let mut d = Daemon::start(&extra);
+    let run = tokio::spawn({
+        let mut cri = d.client().await;
+        let config = pod_config(&d, "idle", &[]);
+        async move {
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: "idle".into(),
+            })
+            .await
+        }
+    });
+    let (id, dir) = poll("the sandbox's vmm.json", || booting_sandbox(&d)).await;
+    let console = dir.join(vmm_sandbox::CONSOLE_LOG);
+    poll("the idle guest", || {
+        read(&console).contains("idle: halting").then_some(())
+    })
+    .await;
+    // The kernel_args reached the guest.
+    assert!(read(&console).contains(" guest.idle"), "{}", read(&console));
+    assert!(dir.join(vmm_sandbox::PID_FILE).is_file());
+    assert_eq!(processes_mentioning(&dir.join("vmm.json")).len(), 1);
+
+    d.kill9_and_restart();
+    let _ = run.await;
+    // The new daemon swept the unfinished pod before it opened its socket.
+    assert!(list_pods(&mut d.client().await).await.is_empty());
+    let procs = processes_mentioning(&d.state_dir());
+    assert!(procs.is_empty(), "a VMM outlived the sweep: {procs:?}");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert!(!d.state_dir().join("s").join(&id[..16]).exists());
+}
+
 /// A VMM started by the daemon's own functions for a VM handler.
 struct TestVmm {
     dir: PathBuf,

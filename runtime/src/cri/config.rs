@@ -98,6 +98,10 @@ pub struct Handler {
     /// at most 16.
     #[serde(default)]
     pub block_slots: Option<u32>,
+    /// VM handlers only: words appended to the guest kernel's command line
+    /// (printable ASCII, at most 512 bytes). Default none.
+    #[serde(default)]
+    pub kernel_args: Option<String>,
     /// VM handlers only: the guest kernel (ELF vmlinux).
     /// Default `/usr/lib/vmpod/vmlinux`.
     #[serde(default)]
@@ -138,6 +142,8 @@ pub const MAX_BLOCK_SLOTS: u32 = crate::vmm::config::MAX_BLOCK_SLOTS as u32;
 /// Default and largest `boot_timeout_secs`.
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 120;
 pub const MAX_BOOT_TIMEOUT_SECS: u64 = 3600;
+/// The longest `kernel_args`.
+pub const MAX_KERNEL_ARGS: usize = 512;
 
 impl Handler {
     /// A handler of `backend` with every optional setting at its default.
@@ -152,6 +158,7 @@ impl Handler {
             max_memory_mib: None,
             boot_timeout_secs: None,
             block_slots: None,
+            kernel_args: None,
             kernel: None,
             initramfs: None,
         }
@@ -217,6 +224,7 @@ impl Handler {
             || self.max_memory_mib.is_some()
             || self.boot_timeout_secs.is_some()
             || self.block_slots.is_some()
+            || self.kernel_args.is_some()
             || self.kernel.is_some()
             || self.initramfs.is_some();
         if self.backend == Backend::Host {
@@ -261,6 +269,14 @@ impl Handler {
         }
         if !(1..=MAX_BLOCK_SLOTS).contains(&self.block_slots()) {
             return invalid(format!("block_slots must be 1..={MAX_BLOCK_SLOTS}"));
+        }
+        if let Some(args) = &self.kernel_args
+            && (args.len() > MAX_KERNEL_ARGS
+                || !args.bytes().all(|b| b == b' ' || b.is_ascii_graphic()))
+        {
+            return invalid(format!(
+                "kernel_args must be printable ASCII of at most {MAX_KERNEL_ARGS} bytes"
+            ));
         }
         Ok(())
     }
@@ -430,6 +446,8 @@ mod tests {
             "memory_mib = 63",
             "memory_mib = 1024\nmax_memory_mib = 512",
             "max_memory_mib = 4294967295",
+            "kernel_args = \"a\\nb\"",
+            "kernel_args = \"é\"",
         ] {
             let backend = if bad.starts_with("block_slots = 4") {
                 "host"

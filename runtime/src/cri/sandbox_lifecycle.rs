@@ -142,6 +142,7 @@ impl Cri {
     /// agents of those that were ready. A sandbox whose agent is gone is
     /// NOTREADY, its running containers EXITED with reason Unknown.
     pub async fn adopt(self: &Arc<Self>) {
+        super::vmm_sandbox::sweep_unfinished(&self.state).await;
         for (mut rec, containers) in self.state.load() {
             let mut agent = None;
             if rec.state == SandboxState::Ready {

@@ -103,6 +103,7 @@ pub fn start(
     cfg.vcpus = handler.vcpus.unwrap_or(1);
     cfg.memory_mib = handler.memory_mib.unwrap_or(256);
     cfg.vhost_user_vsock = Some(vhost_socket);
+    cfg.extra_cmdline = handler.kernel_args.clone().unwrap_or_default();
     let mut image_disks = BTreeMap::new();
     for (i, img) in images.iter().enumerate() {
         let serial = format!("img{i}");

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! <state dir>/sandboxes/<id>/vmm.json     the VMM's configuration (its presence marks a vmpod VM)
+//!                           /vmm.pid      the VMM's PID and start time, until sandbox.json exists
 //!                           /vmm.log      the VMM's own stderr (its exit reason)
 //!                           /console.log  the guest's serial console
 //! <state dir>/s/<id prefix>/vmm.sock      the VMM's control socket (JSON lines)
@@ -11,7 +12,9 @@
 //! ```
 //!
 //! The VMM runs in its own session, outlives a daemon restart, and is
-//! re-adopted by its recorded PID and start time like QEMU is.
+//! re-adopted by its recorded PID and start time like QEMU is. A daemon that
+//! ends during RunPodSandbox leaves a sandbox dir without `sandbox.json`:
+//! the next daemon kills that VMM (by `vmm.pid`) and removes its dirs.
 //!
 //! Images are hot-plugged: the VMM starts with `block_slots` empty
 //! virtio-blk slots; CreateContainer attaches the image's erofs read-only to
@@ -41,7 +44,7 @@ use vmpod_proto::v1::agent_client::AgentClient;
 use super::config::Handler;
 use super::image::ResolvedImage;
 use super::sandbox_run::{Rollback, Step};
-use super::store::SandboxRecord;
+use super::store::{SandboxRecord, StateDir};
 use super::{Cri, CriError, Sandbox, host_sandbox, lock};
 use crate::agent_client::{self, AgentAddr};
 use crate::vmm::config::{
@@ -50,6 +53,8 @@ use crate::vmm::config::{
 
 /// The VMM's configuration file in the sandbox dir.
 pub const CONFIG_FILE: &str = "vmm.json";
+/// The VMM's PID and start time in the sandbox dir.
+pub const PID_FILE: &str = "vmm.pid";
 /// The VMM's stderr in the sandbox dir.
 pub const VMM_LOG: &str = "vmm.log";
 /// The guest console in the sandbox dir.
@@ -196,7 +201,10 @@ pub fn vmm_config(dir: &Path, sockets: &Path, handler: &Handler) -> Result<VmmCo
         memory_mib: handler.base_memory_mib(),
         kernel,
         initramfs: Some(initramfs),
-        cmdline: GUEST_CMDLINE.into(),
+        cmdline: match handler.kernel_args.as_deref() {
+            Some(args) if !args.trim().is_empty() => format!("{GUEST_CMDLINE} {}", args.trim()),
+            _ => GUEST_CMDLINE.into(),
+        },
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: sockets.join(VSOCK_SOCKET),
@@ -392,6 +400,40 @@ pub async fn end_vmm(dir: &Path, pid: i32, timeout: Duration) {
     host_sandbox::end_process(pid, timeout + SHUTDOWN_MARGIN).await;
 }
 
+/// Ends what a RunPodSandbox that never finished left (the daemon ended
+/// during it): for every sandbox dir with a VMM config but no record, the
+/// VMM named by its `vmm.pid` (if it is still that process) and both dirs.
+/// Runs before the daemon serves, so no RunPodSandbox is in flight.
+pub async fn sweep_unfinished(state: &StateDir) {
+    let Ok(entries) = std::fs::read_dir(state.sandboxes()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if dir.join("sandbox.json").exists() || !dir.join(CONFIG_FILE).exists() {
+            continue;
+        }
+        let id = e.file_name().to_string_lossy().into_owned();
+        let recorded = std::fs::read_to_string(dir.join(PID_FILE))
+            .ok()
+            .and_then(|t| {
+                let mut words = t.split_whitespace();
+                Some((
+                    words.next()?.parse::<i32>().ok()?,
+                    words.next()?.parse::<u64>().ok()?,
+                ))
+            });
+        if let Some((pid, start)) = recorded
+            && host_sandbox::same_process(pid, start)
+        {
+            host_sandbox::end_process(pid, Duration::ZERO).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(state.socket_dir(&id));
+        tracing::warn!(sandbox = %id, "removed a pod VM whose RunPodSandbox never finished");
+    }
+}
+
 /// The slot a serial of ours names (`vmpod-slot<N>`).
 fn slot_of(serial: &str) -> Option<usize> {
     let n: usize = serial.strip_prefix("vmpod-slot")?.parse().ok()?;
@@ -455,6 +497,17 @@ impl Cri {
         rec.vmm_pid = Some(pid);
         rec.vsock_pid = None;
         rec.note_pid(pid);
+        // Until the record is saved, this file is how a restarted daemon
+        // finds the VMM of a RunPodSandbox that never finished.
+        if let Some(start) = host_sandbox::start_time(pid) {
+            let path = dir.join(PID_FILE);
+            std::fs::write(&path, format!("{pid} {start}\n")).map_err(|source| {
+                VmmSandboxError::WriteConfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
         rec.agent_socket = sockets.join(VSOCK_SOCKET);
         rec.image_disks = BTreeMap::new();
         let control = sockets.join(CONTROL_SOCKET);
