@@ -24,8 +24,6 @@ use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostVsock};
 const GUEST_CID: u32 = 3;
 /// How long vhost-device-vsock gets to create its socket.
 const VSOCK_START: Duration = Duration::from_secs(10);
-/// How long the guest gets to boot and answer Health (TCG is slow).
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Processes and disks of a started VM.
 #[derive(Debug)]
