@@ -808,6 +808,278 @@ mod tests {
         assert!(unused_disks(&disks, &["a".into(), "b".into()].into()).is_empty());
     }
 
+    /// A stand-in for the VMM's control socket: answers each request line
+    /// (block ops on slots below `slots` succeed) and records it.
+    struct FakeVmm {
+        requests: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl FakeVmm {
+        fn start(path: &Path, slots: u64, fail: bool) -> FakeVmm {
+            use std::io::{BufRead, Write};
+            let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (r, st) = (requests.clone(), stop.clone());
+            let thread = std::thread::spawn(move || {
+                while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok((conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    };
+                    conn.set_nonblocking(false).unwrap();
+                    let mut line = String::new();
+                    std::io::BufReader::new(&conn).read_line(&mut line).unwrap();
+                    let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let ok = !fail && req["slot"].as_u64().is_none_or(|s| s < slots);
+                    r.lock().unwrap().push(req);
+                    let reply = if ok {
+                        serde_json::json!({"ok": true})
+                    } else {
+                        serde_json::json!({"ok": false, "error": "no such slot"})
+                    };
+                    (&conn).write_all(format!("{reply}\n").as_bytes()).unwrap();
+                }
+            });
+            FakeVmm {
+                requests,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn take(&self) -> Vec<serde_json::Value> {
+            std::mem::take(&mut *self.requests.lock().unwrap())
+        }
+    }
+
+    impl Drop for FakeVmm {
+        fn drop(&mut self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    struct NoImages;
+    impl super::super::image::ImageResolver for NoImages {
+        fn resolve(&self, r: &str) -> Result<ResolvedImage, super::super::image::ImageError> {
+            Err(super::super::image::ImageError::NotFound(r.into()))
+        }
+        fn list(&self) -> Vec<ResolvedImage> {
+            Vec::new()
+        }
+    }
+
+    fn image(id: &str) -> ResolvedImage {
+        ResolvedImage {
+            id: id.into(),
+            name: format!("localhost/{id}:latest"),
+            erofs_path: PathBuf::from(format!("/images/{id}.erofs")),
+            config: Default::default(),
+        }
+    }
+
+    fn sandbox_record(id: &str, socket: &Path) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            name: "p".into(),
+            uid: "u".into(),
+            namespace: "n".into(),
+            attempt: 0,
+            labels: Default::default(),
+            annotations: Default::default(),
+            runtime_handler: "vm".into(),
+            resolved_handler: "vm".into(),
+            state: super::super::store::SandboxState::Ready,
+            created_at: 0,
+            log_directory: String::new(),
+            hostname: "p".into(),
+            agent_pid: None,
+            agent_socket: socket.to_path_buf(),
+            netns: None,
+            cgroup_parent: String::new(),
+            host_network: false,
+            pid_mode: 0,
+            ipc_mode: 0,
+            backend: "vm".into(),
+            vmm_pid: None,
+            vsock_pid: None,
+            image_disks: Default::default(),
+            pid_starts: Default::default(),
+        }
+    }
+
+    fn container(cri: &Cri, id: &str, sandbox: &str, image: &str) {
+        use super::super::store::{ContainerRecord, ContainerState};
+        let rec = ContainerRecord {
+            id: id.into(),
+            sandbox_id: sandbox.into(),
+            name: id.into(),
+            attempt: 0,
+            labels: Default::default(),
+            annotations: Default::default(),
+            image: image.into(),
+            image_id: image.into(),
+            state: ContainerState::Created,
+            created_at: 0,
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            log_path: String::new(),
+            mounts: Vec::new(),
+            log_pump: None,
+            exec_base: Default::default(),
+        };
+        lock(&cri.containers).insert(
+            id.into(),
+            std::sync::Arc::new(super::super::Container {
+                rec: std::sync::Mutex::new(rec),
+            }),
+        );
+    }
+
+    /// A Cri with one vmpod sandbox of `slots` slots whose VMM is a fake.
+    fn setup(tmp: &Path, slots: usize, fail: bool) -> (std::sync::Arc<Cri>, Sandbox, FakeVmm) {
+        let config = crate::cri::config::Config {
+            state_dir: tmp.join("state"),
+            ..Default::default()
+        };
+        let cri = Cri::new(config, std::sync::Arc::new(NoImages));
+        let id = "0123456789abcdef0123456789abcdef";
+        let dir = cri.state.sandbox_dir(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = tmp.join("vmm.sock");
+        let fake = FakeVmm::start(&socket, slots as u64, fail);
+        let mut cfg = VmmConfig::from_json(r#"{"vcpus":1,"memory_mib":64,"kernel":"/k"}"#).unwrap();
+        cfg.block = vec![
+            BlockSlotConfig {
+                path: None,
+                read_only: true
+            };
+            slots
+        ];
+        cfg.control_socket = Some(socket.clone());
+        std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let sandbox = Sandbox {
+            rec: std::sync::Mutex::new(sandbox_record(id, &tmp.join("vsock.sock"))),
+            op: tokio::sync::Mutex::new(()),
+            agent: std::sync::Mutex::new(None),
+        };
+        (cri, sandbox, fake)
+    }
+
+    fn persisted_disks(cri: &Cri, id: &str) -> BTreeMap<String, String> {
+        let text = std::fs::read(cri.state.sandbox_dir(id).join("sandbox.json")).unwrap();
+        serde_json::from_slice::<SandboxRecord>(&text)
+            .unwrap()
+            .image_disks
+    }
+
+    #[tokio::test]
+    async fn create_and_remove_container_attach_and_detach_image_disks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cri, sandbox, fake) = setup(tmp.path(), 2, false);
+        let id = sandbox.rec().id;
+
+        // First container of image a: slot 0, attached read-only, persisted.
+        let rec = cri.ensure_image_disk(&sandbox, &image("a")).await.unwrap();
+        assert_eq!(rec.image_disks["a"], "vmpod-slot0");
+        assert_eq!(persisted_disks(&cri, &id), rec.image_disks);
+        assert_eq!(
+            fake.take(),
+            vec![serde_json::json!({"op": "block_attach", "slot": 0,
+                "path": "/images/a.erofs", "read_only": true})]
+        );
+        container(&cri, "ca", &id, "a");
+        // A second container of the same image needs nothing new.
+        cri.ensure_image_disk(&sandbox, &image("a")).await.unwrap();
+        assert!(fake.take().is_empty());
+        let rec = cri.ensure_image_disk(&sandbox, &image("b")).await.unwrap();
+        assert_eq!(rec.image_disks["b"], "vmpod-slot1");
+        assert_eq!(fake.take().len(), 1);
+        container(&cri, "cb", &id, "b");
+
+        // Every slot holds an image a container uses: ResourceExhausted,
+        // and the VMM is not asked to attach anything.
+        let err = cri
+            .ensure_image_disk(&sandbox, &image("c"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CriError::ResourceExhausted(_)), "{err:?}");
+        assert_eq!(err.to_status().code(), tonic::Code::ResourceExhausted);
+        assert!(fake.take().iter().all(|r| r["op"] != "block_attach"));
+
+        // RemoveContainer of a's only container: slot 0 is detached.
+        cri.release_unused_disks(&sandbox, Some("ca")).await;
+        assert_eq!(
+            fake.take(),
+            vec![serde_json::json!({"op": "block_detach", "slot": 0})]
+        );
+        lock(&cri.containers).remove("ca");
+        assert!(!persisted_disks(&cri, &id).contains_key("a"));
+        // ... and c gets it.
+        let rec = cri.ensure_image_disk(&sandbox, &image("c")).await.unwrap();
+        assert_eq!(rec.image_disks["c"], "vmpod-slot0");
+        assert_eq!(persisted_disks(&cri, &id).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_slot_left_by_a_failed_create_is_reclaimed_when_slots_run_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cri, sandbox, fake) = setup(tmp.path(), 1, false);
+        // Attached, but its CreateContainer failed later: no container.
+        cri.ensure_image_disk(&sandbox, &image("a")).await.unwrap();
+        fake.take();
+        let rec = cri.ensure_image_disk(&sandbox, &image("b")).await.unwrap();
+        assert_eq!(
+            fake.take(),
+            vec![
+                serde_json::json!({"op": "block_detach", "slot": 0}),
+                serde_json::json!({"op": "block_attach", "slot": 0,
+                    "path": "/images/b.erofs", "read_only": true}),
+            ]
+        );
+        assert_eq!(rec.image_disks.len(), 1);
+        assert_eq!(rec.image_disks["b"], "vmpod-slot0");
+    }
+
+    #[tokio::test]
+    async fn a_refused_attach_records_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cri, sandbox, fake) = setup(tmp.path(), 2, true);
+        let err = cri
+            .ensure_image_disk(&sandbox, &image("a"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CriError::VmmSandbox(VmmSandboxError::Refused { .. })),
+            "{err:?}"
+        );
+        assert!(sandbox.rec().image_disks.is_empty());
+        assert_eq!(fake.take().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn qemu_and_host_sandboxes_are_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cri, sandbox, fake) = setup(tmp.path(), 2, false);
+        // No vmm.json: a QEMU VM (its images were attached at boot).
+        std::fs::remove_file(cri.state.sandbox_dir(&sandbox.rec().id).join(CONFIG_FILE)).unwrap();
+        let rec = cri.ensure_image_disk(&sandbox, &image("a")).await.unwrap();
+        assert!(rec.image_disks.is_empty());
+        lock(&sandbox.rec).backend = "host".into();
+        cri.ensure_image_disk(&sandbox, &image("a")).await.unwrap();
+        cri.release_unused_disks(&sandbox, None).await;
+        assert!(fake.take().is_empty());
+    }
+
     #[test]
     fn tails_are_bounded() {
         let tmp = tempfile::tempdir().unwrap();
