@@ -115,7 +115,9 @@ impl Daemon {
             .expect("spawning vmpod serve");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.socket.exists() {
+        // The socket file appears at bind(), a moment before listen():
+        // ready means a connection is accepted.
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("vmpod serve exited with {status}:\n{}", self.log());
             }
