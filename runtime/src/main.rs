@@ -105,7 +105,9 @@ enum Command {
         /// The daemon's CRI socket.
         #[arg(long, default_value = "/run/vmpod/vmpod.sock")]
         socket: PathBuf,
-        /// The RuntimeClass handler (empty: the daemon's default).
+        /// The RuntimeClass handler (empty: the daemon's default, whose VM
+        /// hypervisor is vmpod's own VMM unless its config says `qemu`; on a
+        /// host whose KVM cannot boot a stock guest, name a `qemu` handler).
         #[arg(long, default_value = "")]
         runtime_handler: String,
         /// The daemon's log_dir_root.

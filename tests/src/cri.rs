@@ -92,7 +92,11 @@ impl Daemon {
     }
 
     /// Starts `vmpod serve` with the default test config (default handler
-    /// `host`) plus `extra` TOML.
+    /// `host`) plus `extra` TOML
+    /// (top-level keys or whole `[handlers.<name>]` tables). Handlers:
+    /// `host`; `vm`, explicitly QEMU with TCG, because this machine's KVM
+    /// (PVM) cannot boot a stock Linux guest and `vmpod` is the default
+    /// hypervisor of a vm handler; `vmpod`, our own VMM on /dev/kvm.
     pub fn start(extra: &str) -> Daemon {
         Daemon::start_with("host", extra)
     }
@@ -108,6 +112,7 @@ impl Daemon {
              [handlers.vm]\nbackend = \"vm\"\nhypervisor = \"qemu\"\naccel = \"tcg\"\n\
              kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
              [handlers.vmpod]\nbackend = \"vm\"\nhypervisor = \"vmpod\"\n\
+             kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
              [[static_images]]\nname = \"{BUSYBOX}\"\nerofs = \"{erofs}\"\noci_layout = \"{layout}\"\n",
             state = dir.path().join("state").display(),
             logs = dir.path().join("logs").display(),
@@ -149,7 +154,9 @@ impl Daemon {
             .expect("spawning vmpod serve");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.socket.exists() {
+        // The socket file appears at bind(), a moment before listen():
+        // ready means a connection is accepted.
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("vmpod serve exited with {status}:\n{}", self.log());
             }

@@ -95,6 +95,13 @@ pub fn require_kvm() {
     }
 }
 
+/// Whether /dev/kvm is PVM (paravirtual KVM without VT-x/AMD-V): it runs
+/// freestanding guests and PVM-patched kernels, but a stock Linux guest
+/// only in KVM's instruction emulator, which gives up during early boot.
+pub fn kvm_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// The freestanding test guest's sources (`tests/tests/freestanding_guest/`).
 pub fn freestanding_guest_dir() -> PathBuf {
     workspace_root().join("tests/tests/freestanding_guest")

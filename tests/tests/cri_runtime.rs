@@ -591,15 +591,25 @@ async fn error_codes(b: Backend) {
         ),
         Code::FailedPrecondition
     );
+    // A VM bigger than the handler allows is refused before anything starts.
+    let mut huge = pod_config(&d, "v", &[]);
+    huge.linux = Some(LinuxPodSandboxConfig {
+        resources: Some(LinuxContainerResources {
+            cpu_quota: 1000 * 100_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     assert_eq!(
         code(
             cri.run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config(&d, "v", &[])),
+                config: Some(huge),
                 runtime_handler: "vmpod".into()
             })
             .await
         ),
-        Code::Unimplemented
+        Code::InvalidArgument
     );
 
     assert_eq!(

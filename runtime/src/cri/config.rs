@@ -46,7 +46,7 @@ pub struct Config {
     /// Default `"vm"`.
     pub default_handler: String,
     /// Runtime handlers by name (the RuntimeClass handler). Default: `vm`
-    /// (backend vm, hypervisor qemu) and `host` (backend host).
+    /// (backend vm, hypervisor vmpod) and `host` (backend host).
     pub handlers: BTreeMap<String, Handler>,
     /// What host sandboxes may do beyond the default isolation.
     pub host: HostPolicy,
@@ -66,18 +66,42 @@ pub struct Config {
 pub struct Handler {
     /// `host` (the agent as a host process in fresh namespaces) or `vm`.
     pub backend: Backend,
-    /// VM handlers only: `qemu` (the only one wired so far) or `vmpod`.
+    /// VM handlers only: `vmpod` (our own VMM, the default) or `qemu`.
     #[serde(default)]
     pub hypervisor: Option<Hypervisor>,
-    /// VM handlers only: `kvm` or `tcg`. Default `kvm`.
+    /// `qemu` handlers only: `kvm` or `tcg`. Default `kvm`. (The `vmpod`
+    /// VMM always runs on KVM.)
     #[serde(default)]
     pub accel: Option<Accel>,
-    /// VM handlers only: virtual CPUs. Default 1.
+    /// VM handlers only: virtual CPUs before the pod's own CPU limit is
+    /// added. Default 1.
     #[serde(default)]
     pub vcpus: Option<u32>,
-    /// VM handlers only: guest memory in MiB. Default 256.
+    /// VM handlers only: guest memory in MiB before the pod's memory limit
+    /// is added. Default 256.
     #[serde(default)]
     pub memory_mib: Option<u32>,
+    /// VM handlers only: the most vCPUs a pod VM may get. Default and
+    /// upper bound 64 (the VMM's MP table).
+    #[serde(default)]
+    pub max_vcpus: Option<u32>,
+    /// VM handlers only: the most guest memory a pod VM may get, in MiB.
+    /// Default 131072 (128 GiB), upper bound 1 TiB.
+    #[serde(default)]
+    pub max_memory_mib: Option<u32>,
+    /// VM handlers only: how long a pod VM gets to boot and answer the
+    /// agent's Health call. Default 120 (QEMU TCG speeds).
+    #[serde(default)]
+    pub boot_timeout_secs: Option<u64>,
+    /// `vmpod` handlers only: empty virtio-blk slots the VMM starts with;
+    /// each image a pod's containers use takes one (hot-plugged). Default 8,
+    /// at most 16.
+    #[serde(default)]
+    pub block_slots: Option<u32>,
+    /// VM handlers only: words appended to the guest kernel's command line
+    /// (printable ASCII, at most 512 bytes). Default none.
+    #[serde(default)]
+    pub kernel_args: Option<String>,
     /// VM handlers only: the guest kernel (ELF vmlinux).
     /// Default `/usr/lib/vmpod/vmlinux`.
     #[serde(default)]
@@ -97,11 +121,165 @@ pub enum Backend {
 }
 
 /// Which hypervisor runs a VM handler's pods.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Hypervisor {
     Qemu,
+    /// vmpod's own VMM (`vmpod vmm`), one process per pod.
+    #[default]
     Vmpod,
+}
+
+/// The most vCPUs any pod VM gets (the VMM's MP table and APIC IDs).
+pub const MAX_VCPUS: u32 = crate::vmm::config::MAX_VCPUS as u32;
+/// Default `max_memory_mib`: 128 GiB.
+pub const DEFAULT_MAX_MEMORY_MIB: u32 = 128 << 10;
+/// The largest `max_memory_mib` accepted (the VMM's bound, 1 TiB).
+pub const MAX_MEMORY_MIB: u32 = crate::vmm::config::MAX_MEMORY_MIB;
+/// Default and largest `block_slots`.
+pub const DEFAULT_BLOCK_SLOTS: u32 = 8;
+pub const MAX_BLOCK_SLOTS: u32 = crate::vmm::config::MAX_BLOCK_SLOTS as u32;
+/// Default and largest `boot_timeout_secs`.
+pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 120;
+pub const MAX_BOOT_TIMEOUT_SECS: u64 = 3600;
+/// The longest `kernel_args`.
+pub const MAX_KERNEL_ARGS: usize = 512;
+
+impl Handler {
+    /// A handler of `backend` with every optional setting at its default.
+    pub fn new(backend: Backend) -> Handler {
+        Handler {
+            backend,
+            hypervisor: None,
+            accel: None,
+            vcpus: None,
+            memory_mib: None,
+            max_vcpus: None,
+            max_memory_mib: None,
+            boot_timeout_secs: None,
+            block_slots: None,
+            kernel_args: None,
+            kernel: None,
+            initramfs: None,
+        }
+    }
+
+    /// The hypervisor that runs this handler's VMs (default `vmpod`).
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.hypervisor.unwrap_or_default()
+    }
+
+    /// vCPUs before the pod's own limit is added.
+    pub fn base_vcpus(&self) -> u32 {
+        self.vcpus.unwrap_or(1)
+    }
+
+    /// Guest MiB before the pod's own limit is added.
+    pub fn base_memory_mib(&self) -> u32 {
+        self.memory_mib.unwrap_or(256)
+    }
+
+    /// The most vCPUs one of this handler's pods may get.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or(MAX_VCPUS)
+    }
+
+    /// The most guest MiB one of this handler's pods may get.
+    pub fn max_memory_mib(&self) -> u32 {
+        self.max_memory_mib.unwrap_or(DEFAULT_MAX_MEMORY_MIB)
+    }
+
+    /// How long a pod VM gets to answer Health.
+    pub fn boot_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.boot_timeout_secs.unwrap_or(DEFAULT_BOOT_TIMEOUT_SECS))
+    }
+
+    /// The VMM's block slots.
+    pub fn block_slots(&self) -> u32 {
+        self.block_slots.unwrap_or(DEFAULT_BLOCK_SLOTS)
+    }
+
+    /// The guest kernel.
+    pub fn kernel(&self) -> PathBuf {
+        self.kernel
+            .clone()
+            .unwrap_or_else(|| "/usr/lib/vmpod/vmlinux".into())
+    }
+
+    /// The guest initramfs.
+    pub fn initramfs(&self) -> PathBuf {
+        self.initramfs
+            .clone()
+            .unwrap_or_else(|| "/usr/lib/vmpod/initramfs.cpio".into())
+    }
+
+    /// Checks the settings against the backend and hypervisor, and the bounds.
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let invalid = |what: String| Err(ConfigError::Invalid(format!("handler {name:?}: {what}")));
+        let vm_settings = self.hypervisor.is_some()
+            || self.accel.is_some()
+            || self.vcpus.is_some()
+            || self.memory_mib.is_some()
+            || self.max_vcpus.is_some()
+            || self.max_memory_mib.is_some()
+            || self.boot_timeout_secs.is_some()
+            || self.block_slots.is_some()
+            || self.kernel_args.is_some()
+            || self.kernel.is_some()
+            || self.initramfs.is_some();
+        if self.backend == Backend::Host {
+            return if vm_settings {
+                invalid("VM settings on a host handler".into())
+            } else {
+                Ok(())
+            };
+        }
+        if self.hypervisor() == Hypervisor::Vmpod && self.accel.is_some() {
+            return invalid(
+                "accel is a qemu setting; the vmpod hypervisor always runs on KVM".into(),
+            );
+        }
+        if self.hypervisor() == Hypervisor::Qemu && self.block_slots.is_some() {
+            return invalid(
+                "block_slots is a vmpod setting; QEMU's microvm attaches images at boot".into(),
+            );
+        }
+        if !(1..=MAX_VCPUS).contains(&self.max_vcpus()) {
+            return invalid(format!("max_vcpus must be 1..={MAX_VCPUS}"));
+        }
+        if !(64..=MAX_MEMORY_MIB).contains(&self.max_memory_mib()) {
+            return invalid(format!("max_memory_mib must be 64..={MAX_MEMORY_MIB}"));
+        }
+        if self.base_vcpus() == 0 || self.base_vcpus() > self.max_vcpus() {
+            return invalid(format!(
+                "vcpus must be 1..={} (max_vcpus)",
+                self.max_vcpus()
+            ));
+        }
+        if self.base_memory_mib() < 64 || self.base_memory_mib() > self.max_memory_mib() {
+            return invalid(format!(
+                "memory_mib must be 64..={} (max_memory_mib)",
+                self.max_memory_mib()
+            ));
+        }
+        if !(1..=MAX_BOOT_TIMEOUT_SECS).contains(&self.boot_timeout().as_secs()) {
+            return invalid(format!(
+                "boot_timeout_secs must be 1..={MAX_BOOT_TIMEOUT_SECS}"
+            ));
+        }
+        if !(1..=MAX_BLOCK_SLOTS).contains(&self.block_slots()) {
+            return invalid(format!("block_slots must be 1..={MAX_BLOCK_SLOTS}"));
+        }
+        if let Some(args) = &self.kernel_args
+            && (args.len() > MAX_KERNEL_ARGS
+                || !args.bytes().all(|b| b == b' ' || b.is_ascii_graphic()))
+        {
+            return invalid(format!(
+                "kernel_args must be printable ASCII of at most {MAX_KERNEL_ARGS} bytes"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How QEMU runs the guest.
@@ -130,30 +308,10 @@ pub struct HostPolicy {
 impl Default for Config {
     fn default() -> Self {
         let mut handlers = BTreeMap::new();
-        handlers.insert(
-            "vm".to_string(),
-            Handler {
-                backend: Backend::Vm,
-                hypervisor: Some(Hypervisor::Qemu),
-                accel: None,
-                vcpus: None,
-                memory_mib: None,
-                kernel: None,
-                initramfs: None,
-            },
-        );
-        handlers.insert(
-            "host".to_string(),
-            Handler {
-                backend: Backend::Host,
-                hypervisor: None,
-                accel: None,
-                vcpus: None,
-                memory_mib: None,
-                kernel: None,
-                initramfs: None,
-            },
-        );
+        let mut vm = Handler::new(Backend::Vm);
+        vm.hypervisor = Some(Hypervisor::Vmpod);
+        handlers.insert("vm".to_string(), vm);
+        handlers.insert("host".to_string(), Handler::new(Backend::Host));
         Config {
             state_dir: PathBuf::from("/var/lib/vmpod"),
             log_dir_root: PathBuf::from("/var/log/pods"),
@@ -212,23 +370,7 @@ impl Config {
             )));
         }
         for (name, h) in &self.handlers {
-            if h.backend == Backend::Host
-                && (h.hypervisor.is_some()
-                    || h.accel.is_some()
-                    || h.vcpus.is_some()
-                    || h.memory_mib.is_some()
-                    || h.kernel.is_some()
-                    || h.initramfs.is_some())
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "handler {name:?}: VM settings on a host handler"
-                )));
-            }
-            if h.vcpus == Some(0) || h.memory_mib.is_some_and(|m| m < 64) {
-                return Err(ConfigError::Invalid(format!(
-                    "handler {name:?}: vcpus must be ≥ 1 and memory_mib ≥ 64"
-                )));
-            }
+            h.validate(name)?;
         }
         Ok(())
     }
@@ -270,8 +412,17 @@ mod tests {
         let cfg = Config::parse("").unwrap();
         assert_eq!(cfg.default_handler, "vm");
         assert_eq!(cfg.handler("").unwrap().1.backend, Backend::Vm);
+        // The issue's default: our own VMM.
+        let vm = cfg.handler("vm").unwrap().1;
+        assert_eq!(vm.hypervisor(), Hypervisor::Vmpod);
+        assert_eq!(vm.block_slots(), DEFAULT_BLOCK_SLOTS);
+        assert_eq!(vm.boot_timeout().as_secs(), 120);
+        assert_eq!((vm.base_vcpus(), vm.base_memory_mib()), (1, 256));
         assert_eq!(cfg.handler("host").unwrap().1.backend, Backend::Host);
         assert!(!cfg.host.allow_privileged);
+        // A vm handler that names no hypervisor gets vmpod too.
+        let cfg = Config::parse("[handlers.vm]\nbackend = \"vm\"\n").unwrap();
+        assert_eq!(cfg.handler("vm").unwrap().1.hypervisor(), Hypervisor::Vmpod);
     }
 
     #[test]
@@ -282,6 +433,54 @@ mod tests {
         assert!(Config::parse("default_handler = \"nope\"").is_err());
         assert!(Config::parse("[handlers.h]\nbackend = \"host\"\nvcpus = 2").is_err());
         assert!(Config::parse("[handlers.h]\nbackend = \"moon\"").is_err());
+        for bad in [
+            "block_slots = 4",                         // on a host handler below
+            "hypervisor = \"vmpod\"\naccel = \"tcg\"", // vmpod always runs on KVM
+            "hypervisor = \"qemu\"\nblock_slots = 4",  // QEMU attaches at boot
+            "block_slots = 0",
+            "block_slots = 17",
+            "boot_timeout_secs = 0",
+            "boot_timeout_secs = 86400",
+            "max_vcpus = 65",
+            "vcpus = 3\nmax_vcpus = 2",
+            "memory_mib = 63",
+            "memory_mib = 1024\nmax_memory_mib = 512",
+            "max_memory_mib = 4294967295",
+            "kernel_args = \"a\\nb\"",
+            "kernel_args = \"é\"",
+        ] {
+            let backend = if bad.starts_with("block_slots = 4") {
+                "host"
+            } else {
+                "vm"
+            };
+            let text =
+                format!("default_handler = \"h\"\n[handlers.h]\nbackend = \"{backend}\"\n{bad}\n");
+            assert!(Config::parse(&text).is_err(), "accepted {text}");
+        }
+        let ok = Config::parse(
+            "default_handler = \"h\"\n[handlers.h]\nbackend = \"vm\"\nblock_slots = 16\n\
+             boot_timeout_secs = 5\n\
+             max_vcpus = 4\nvcpus = 4\nmax_memory_mib = 1024\nmemory_mib = 1024\n",
+        )
+        .unwrap();
+        let h = ok.handler("h").unwrap().1;
+        assert_eq!((h.block_slots(), h.boot_timeout().as_secs()), (16, 5));
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let len = doc[start..].find("```").expect("the block's end");
+        let cfg = Config::parse(&doc[start..start + len]).unwrap();
+        let vm = cfg.handler("").unwrap().1;
+        assert_eq!(vm.hypervisor(), Hypervisor::Vmpod);
+        assert_eq!(vm.block_slots(), DEFAULT_BLOCK_SLOTS);
+        assert_eq!(
+            cfg.handler("vm-qemu").unwrap().1.hypervisor(),
+            Hypervisor::Qemu
+        );
     }
 
     #[test]

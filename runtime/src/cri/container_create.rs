@@ -59,6 +59,8 @@ impl Cri {
         let image = self.images.resolve(&image_ref)?;
         let log_path = self.log_path(&srec.log_directory, &config.log_path)?;
         let mounts = mounts(&config)?;
+        // The vmpod VMM hot-plugs the image's disk now if the pod lacks it.
+        let srec = self.ensure_image_disk(&sandbox, &image).await?;
         let security = config
             .linux
             .as_ref()

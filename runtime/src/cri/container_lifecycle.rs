@@ -267,6 +267,9 @@ impl Cri {
                     Err(s) if s.code() == tonic::Code::NotFound => {}
                     Err(s) => return Err(CriError::agent("RemoveContainer")(s)),
                 }
+                // The rootfs is released: an image no other container of
+                // the pod uses leaves its block slot (vmpod VMs).
+                self.release_unused_disks(&sandbox, Some(&rec.id)).await;
             }
             if sandbox.rec().is_vm() {
                 super::shared_fs::Share::new(&self.state.sandbox_dir(&rec.sandbox_id))

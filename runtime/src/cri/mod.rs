@@ -29,6 +29,7 @@ pub mod shared_fs;
 mod stats;
 pub mod store;
 pub mod vm_sandbox;
+pub mod vmm_sandbox;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,8 @@ pub enum CriError {
     #[error("{0}")]
     DeadlineExceeded(String),
     #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
     Internal(String),
     /// An agent call failed; its code is kept.
     #[error("agent {what}: {}", .status.message())]
@@ -70,6 +73,8 @@ pub enum CriError {
     Image(#[from] image::ImageError),
     #[error(transparent)]
     SharedFs(#[from] shared_fs::SharedFsError),
+    #[error(transparent)]
+    VmmSandbox(#[from] vmm_sandbox::VmmSandboxError),
     #[error("the agent cannot be reached")]
     AgentUnreachable(#[source] crate::agent_client::AgentClientError),
 }
@@ -85,6 +90,7 @@ impl CriError {
             CriError::AlreadyExists(_) => Code::AlreadyExists,
             CriError::Unimplemented(_) => Code::Unimplemented,
             CriError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            CriError::ResourceExhausted(_) => Code::ResourceExhausted,
             CriError::Agent { status, .. } => status.code(),
             CriError::Image(image::ImageError::NotFound(_)) => Code::NotFound,
             CriError::AgentUnreachable(_) => Code::Unavailable,
@@ -96,6 +102,7 @@ impl CriError {
             CriError::Internal(_)
             | CriError::Store(_)
             | CriError::HostSandbox(_)
+            | CriError::VmmSandbox(_)
             | CriError::Image(_)
             | CriError::SharedFs(_) => Code::Internal,
         };

@@ -50,10 +50,12 @@ impl Cri {
         if let Some(pid) = rec.agent_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
         }
-        // A VM guest ends by rebooting, which QEMU (-no-reboot) turns into
-        // its exit; then its vsock backend goes.
+        // A VM guest ends by rebooting, which QEMU (-no-reboot) and our
+        // VMM (reboot=k) turn into their exit; then QEMU's vsock backend
+        // goes. Our VMM is also asked through its control socket.
         if let Some(pid) = rec.vmm_pid.filter(|&p| rec.owns(p)) {
-            host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
+            super::vmm_sandbox::end_vmm(&self.state.sandbox_dir(&rec.id), pid, SHUTDOWN_TIMEOUT)
+                .await;
         }
         if let Some(pid) = rec.vsock_pid.filter(|&p| rec.owns(p)) {
             host_sandbox::end_process(pid, Duration::ZERO).await;
@@ -143,6 +145,7 @@ impl Cri {
     /// agents of those that were ready. A sandbox whose agent is gone is
     /// NOTREADY, its running containers EXITED with reason Unknown.
     pub async fn adopt(self: &Arc<Self>) {
+        super::vmm_sandbox::sweep_unfinished(&self.state).await;
         for (mut rec, containers) in self.state.load() {
             let mut agent = None;
             if rec.state == SandboxState::Ready {

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 
-use super::config::Backend;
+use super::config::{Backend, Hypervisor};
 use super::host_sandbox::{self, AgentLaunch};
 use super::store::{SandboxRecord, SandboxState};
-use super::vm_sandbox;
 use super::{Cri, CriError, Sandbox, new_id, now_ns};
+use super::{vm_sandbox, vmm_sandbox};
 use crate::agent_client;
 
 /// How long a new host agent has to answer Health.
@@ -192,6 +192,12 @@ impl Cri {
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
         undo: &mut Rollback,
     ) -> Result<Sandbox, CriError> {
+        // vCPUs and memory: the handler's plus the pod's limits, on both
+        // hypervisors.
+        let handler = &vmm_sandbox::sized_handler(handler, linux.as_ref())?;
+        if handler.hypervisor() == Hypervisor::Vmpod {
+            return self.start_vmm_sandbox(rec, handler, dns, linux, undo).await;
+        }
         let dir = self.state.sandbox_dir(&rec.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
@@ -212,8 +218,9 @@ impl Cri {
         rec.agent_socket = vm.uds;
         rec.image_disks = vm.image_disks;
         let booted = std::time::Instant::now();
-        vm_sandbox::wait_console_ready(&dir, &rec, vm_sandbox::BOOT_TIMEOUT).await?;
-        let left = vm_sandbox::BOOT_TIMEOUT
+        vm_sandbox::wait_console_ready(&dir, &rec, handler.boot_timeout()).await?;
+        let left = handler
+            .boot_timeout()
             .saturating_sub(booted.elapsed())
             .max(Duration::from_secs(10));
         let agent = agent_client::connect_ready(&rec.agent_addr(), left)
@@ -230,7 +237,7 @@ impl Cri {
 
     /// Creates the sandbox's socket dir (it must be new: its name is a
     /// prefix of the ID).
-    fn make_socket_dir(
+    pub(super) fn make_socket_dir(
         &self,
         id: &str,
         undo: &mut Rollback,
@@ -247,7 +254,7 @@ impl Cri {
     }
 
     /// SetupSandbox, then the record is persisted: the sandbox exists.
-    async fn setup(
+    pub(super) async fn setup(
         &self,
         rec: SandboxRecord,
         mut agent: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
@@ -276,21 +283,22 @@ impl Cri {
 
 /// One undo step of a half-made sandbox.
 #[derive(Debug)]
-enum Step {
+pub(super) enum Step {
     RemoveDir(std::path::PathBuf),
     RemoveNetns(std::path::PathBuf),
     KillAgent(i32, String),
     KillVm(i32, i32),
+    /// SIGKILL one process (virtiofsd, the `vmpod` VMM).
     KillProcess(i32),
     TearDownShare(std::path::PathBuf),
 }
 
 /// Undo steps, run in reverse on failure.
 #[derive(Debug, Default)]
-struct Rollback(Vec<Step>);
+pub(super) struct Rollback(Vec<Step>);
 
 impl Rollback {
-    fn push(&mut self, step: Step) {
+    pub(super) fn push(&mut self, step: Step) {
         self.0.push(step);
     }
 

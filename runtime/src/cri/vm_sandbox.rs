@@ -27,8 +27,6 @@ use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostUserFs, VhostVsoc
 const GUEST_CID: u32 = 3;
 /// How long vhost-device-vsock gets to create its socket.
 const VSOCK_START: Duration = Duration::from_secs(10);
-/// How long the guest gets to boot and answer Health (TCG is slow).
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Processes and disks of a started VM.
 #[derive(Debug)]
@@ -50,10 +48,10 @@ pub fn start(
     handler: &Handler,
     images: &[ResolvedImage],
 ) -> Result<StartedVm, CriError> {
-    if handler.hypervisor == Some(Hypervisor::Vmpod) {
-        return Err(CriError::Unimplemented(
-            "the vmpod hypervisor is not wired into the CRI server yet; use hypervisor = \"qemu\""
-                .into(),
+    // The vmpod hypervisor is started by `vmm_sandbox`.
+    if handler.hypervisor() != Hypervisor::Qemu {
+        return Err(CriError::Internal(
+            "vm_sandbox::start runs QEMU only".into(),
         ));
     }
     let kernel = handler
@@ -127,6 +125,7 @@ pub fn start(
         socket: fs_socket,
         tag: shared_fs::TAG.into(),
     });
+    cfg.extra_cmdline = handler.kernel_args.clone().unwrap_or_default();
     let mut image_disks = BTreeMap::new();
     for (i, img) in images.iter().enumerate() {
         let serial = format!("img{i}");

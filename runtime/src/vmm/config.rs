@@ -136,6 +136,12 @@ pub struct SerialConfig {
     pub path: PathBuf,
 }
 
+/// The serial (virtio-blk GET_ID) of block slot `slot`: what the guest finds
+/// the slot's disk by (`/sys/block/*/serial`), whatever is attached to it.
+pub fn block_slot_serial(slot: usize) -> String {
+    format!("vmpod-slot{slot}")
+}
+
 impl VmmConfig {
     /// Reads and validates a configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {

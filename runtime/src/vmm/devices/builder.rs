@@ -134,7 +134,8 @@ impl VirtioDevices {
         let mut blocks = Vec::new();
         for (slot, b) in config.block.iter().enumerate() {
             let block_err = |source| BuilderError::Block { slot, source };
-            let mut block = Block::new(&format!("vmpod-slot{slot}")).map_err(block_err)?;
+            let mut block =
+                Block::new(&crate::vmm::config::block_slot_serial(slot)).map_err(block_err)?;
             if let Some(path) = &b.path {
                 block.attach(path, b.read_only).map_err(block_err)?;
             }
