@@ -4,7 +4,8 @@
 //! Usage:
 //!   bench-cri --socket PATH --handler NAME --image REF --iterations N
 //!             [--warmup W] [--idle-pods M] [--settle-secs S] [--log-dir DIR]
-//!             [--cgroup-parent PREFIX] [--daemon-pid PID] [--json]
+//!             [--cgroup-parent PREFIX] [--daemon-pid PID] [--max-failures K]
+//!             [--json]
 //!   bench-cri --socket PATH --cleanup
 //!
 //! Latency: W warm-up iterations (reported apart, default 2), then N
@@ -12,7 +13,9 @@
 //! `sleep 3600`; ExecSync of `echo hi` (exit 0 and output checked);
 //! StopContainer (timeout 0: `sleep` as its namespace's PID 1 ignores
 //! SIGTERM, so every runtime goes straight to SIGKILL), StopPodSandbox,
-//! RemovePodSandbox.
+//! RemovePodSandbox. A failed iteration (or idle pod) is reported with its
+//! error, its pod removed, and another one run in its place; more than K
+//! failures (default 0) end the run with the error.
 //!
 //! Memory: M pods with one sleeping container each, left to settle for S
 //! seconds, then (a) the sum of the PSS (`/proc/PID/smaps_rollup`) of the
@@ -63,6 +66,7 @@ struct Args {
     log_dir: Option<PathBuf>,
     cgroup_parent: Option<String>,
     daemon_pid: Option<i32>,
+    max_failures: usize,
     json: bool,
     cleanup: bool,
 }
@@ -79,6 +83,7 @@ fn parse_args() -> anyhow::Result<Args> {
         log_dir: None,
         cgroup_parent: None,
         daemon_pid: None,
+        max_failures: 0,
         json: false,
         cleanup: false,
     };
@@ -98,6 +103,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--log-dir" => args.log_dir = Some(value()?.into()),
             "--cgroup-parent" => args.cgroup_parent = Some(value()?),
             "--daemon-pid" => args.daemon_pid = Some(value()?.parse().context("--daemon-pid")?),
+            "--max-failures" => args.max_failures = value()?.parse().context("--max-failures")?,
             "--json" => args.json = true,
             "--cleanup" => args.cleanup = true,
             other => bail!("unknown argument {other:?} (see the module docs for usage)"),
@@ -323,6 +329,9 @@ struct Bench {
     names: PodNames,
     /// Pods made and not yet removed, torn down when a step fails.
     live: BTreeMap<String, PodSandboxConfig>,
+    /// Failed attempts so far (what and why), reported; more than
+    /// `--max-failures` ends the run.
+    failures: Vec<serde_json::Value>,
 }
 
 impl Bench {
@@ -475,11 +484,39 @@ impl Bench {
         Ok(t)
     }
 
-    /// Best effort: stops and removes every pod still live.
-    async fn remove_live(&mut self) {
-        let live: Vec<(String, PodSandboxConfig)> =
-            std::mem::take(&mut self.live).into_iter().collect();
+    /// Records a failed attempt and removes what it left; the error again
+    /// once there were more failures than allowed.
+    async fn failed(
+        &mut self,
+        what: String,
+        err: anyhow::Error,
+        keep: &BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        eprintln!("bench-cri: {what} failed: {err:#}");
+        self.failures
+            .push(serde_json::json!({ "what": what, "error": format!("{err:#}") }));
+        self.remove_live_except(keep).await;
+        if self.failures.len() > self.args.max_failures {
+            return Err(err.context(format!(
+                "{what} ({} failures, --max-failures {})",
+                self.failures.len(),
+                self.args.max_failures
+            )));
+        }
+        Ok(())
+    }
+
+    /// Best effort: stops and removes every pod still live but those in
+    /// `keep`.
+    async fn remove_live_except(&mut self, keep: &BTreeSet<String>) {
+        let live: Vec<(String, PodSandboxConfig)> = self
+            .live
+            .iter()
+            .filter(|(id, _)| !keep.contains(*id))
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
         for (id, config) in live {
+            self.live.remove(&id);
             if let Err(e) = self.remove(&id, &mut Times::default()).await {
                 eprintln!("bench-cri: cleaning up pod {id}: {e:#}");
             }
@@ -494,8 +531,16 @@ impl Bench {
         let avail_before = mem_available_kib().await?;
         let started = Instant::now();
         let mut pods = Vec::with_capacity(m);
-        for i in 0..m {
-            pods.push(self.start_pod("idle", i, &mut Times::default()).await?);
+        let mut attempt = 0;
+        while pods.len() < m {
+            attempt += 1;
+            match self.start_pod("idle", attempt, &mut Times::default()).await {
+                Ok(pod) => pods.push(pod),
+                Err(e) => {
+                    let keep = pods.iter().map(|p: &Pod| p.id.clone()).collect();
+                    self.failed(format!("idle pod {attempt}"), e, &keep).await?;
+                }
+            }
         }
         let start_secs = started.elapsed().as_secs_f64();
         tokio::time::sleep(self.args.settle).await;
@@ -773,6 +818,11 @@ fn print_text(report: &serde_json::Value) {
             println!("warm-up {}: {}", i + 1, ops.join(", "));
         }
     }
+    if let Some(failures) = report["failures"].as_array() {
+        for f in failures {
+            println!("FAILED {}: {}", f["what"], f["error"]);
+        }
+    }
     if let Some(ops) = report["latency"].as_array() {
         for o in ops {
             println!(
@@ -824,13 +874,26 @@ async fn run(bench: &mut Bench) -> anyhow::Result<serde_json::Value> {
             .version(request(VersionRequest::default(), CALL_TIMEOUT)),
     )
     .await?;
+    // A failed attempt (see --max-failures) is reported, not measured;
+    // the loops go on until they have their count of good iterations.
     let mut warmup = Vec::new();
-    for i in 0..bench.args.warmup {
-        warmup.push(bench.iteration("warm", i).await?);
-    }
     let mut samples = Vec::with_capacity(bench.args.iterations);
-    for i in 0..bench.args.iterations {
-        samples.push(bench.iteration("it", i).await?);
+    let mut attempt = 0;
+    while samples.len() < bench.args.iterations {
+        attempt += 1;
+        let warm = warmup.len() < bench.args.warmup;
+        match bench
+            .iteration(if warm { "warm" } else { "it" }, attempt)
+            .await
+        {
+            Ok(t) if warm => warmup.push(t),
+            Ok(t) => samples.push(t),
+            Err(e) => {
+                bench
+                    .failed(format!("iteration {attempt}"), e, &BTreeSet::new())
+                    .await?
+            }
+        }
     }
     let idle = if bench.args.idle_pods > 0 {
         bench.idle_memory().await?
@@ -846,6 +909,7 @@ async fn run(bench: &mut Bench) -> anyhow::Result<serde_json::Value> {
         "handler": bench.args.handler,
         "image": bench.args.image,
         "iterations": bench.args.iterations,
+        "failures": bench.failures,
         "warmup": warmup_json(&warmup),
         "latency": stats(&samples),
         "idle": idle,
@@ -866,10 +930,11 @@ async fn main() -> anyhow::Result<()> {
         args,
         names: PodNames::new(),
         live: BTreeMap::new(),
+        failures: Vec::new(),
     };
     let result = run(&mut bench).await;
     // Whatever failed, no pod of ours stays behind.
-    bench.remove_live().await;
+    bench.remove_live_except(&BTreeSet::new()).await;
     let report = result?;
     if bench.args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
