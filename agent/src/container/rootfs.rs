@@ -90,8 +90,9 @@ pub fn resolve_source(source: &str) -> Result<Device, RootfsError> {
 
 fn resolve(source: &str, writable: bool) -> Result<Device, RootfsError> {
     if let Some(serial) = source.strip_prefix("serial:") {
-        return find_by_serial(Path::new("/sys/block"), serial)
-            .map(|path| Device { path, _hold: None });
+        let path = find_by_serial(Path::new("/sys/block"), serial)?;
+        wait_for_capacity(Path::new("/sys/block"), &path, HOTPLUG_SETTLE);
+        return Ok(Device { path, _hold: None });
     }
     let path = Path::new(source);
     if !path.is_absolute() {
@@ -107,6 +108,32 @@ fn resolve(source: &str, writable: bool) -> Result<Device, RootfsError> {
         attach_loop(path, writable)
     } else {
         Err(RootfsError::BadSource(source.into()))
+    }
+}
+
+/// How long a hot-plugged disk gets to show its size.
+const HOTPLUG_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A disk attached to an empty slot at run time (the `vmpod` VMM's
+/// block_attach) learns its new size on a kernel workqueue after the
+/// config-change interrupt; mounting before that sees an empty disk. Waits,
+/// bounded, until `/sys/block/<dev>/size` is non-zero; past the bound the
+/// mount reports the problem.
+fn wait_for_capacity(sys_block: &Path, dev: &Path, bound: std::time::Duration) {
+    let Some(name) = dev.file_name() else {
+        return;
+    };
+    let size = sys_block.join(name).join("size");
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let sectors = fs::read_to_string(&size)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if sectors > 0 || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -354,6 +381,39 @@ pub fn writable_usage(rw: &Path) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hot_plugged_disk_is_waited_for_until_it_has_a_size() {
+        let sys = tempfile::tempdir().unwrap();
+        fs::create_dir(sys.path().join("vdb")).unwrap();
+        fs::write(sys.path().join("vdb/size"), "0\n").unwrap();
+        let size = sys.path().join("vdb/size");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            fs::write(size, "3920\n").unwrap();
+        });
+        let start = std::time::Instant::now();
+        wait_for_capacity(
+            sys.path(),
+            Path::new("/dev/vdb"),
+            std::time::Duration::from_secs(5),
+        );
+        writer.join().unwrap();
+        let waited = start.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(50), "{waited:?}");
+        assert_eq!(
+            fs::read_to_string(sys.path().join("vdb/size")).unwrap(),
+            "3920\n"
+        );
+        // A disk that stays empty ends the wait at the bound.
+        fs::create_dir(sys.path().join("vdc")).unwrap();
+        fs::write(sys.path().join("vdc/size"), "0\n").unwrap();
+        wait_for_capacity(
+            sys.path(),
+            Path::new("/dev/vdc"),
+            std::time::Duration::from_millis(30),
+        );
+    }
 
     #[test]
     fn disks_are_found_by_serial() {
