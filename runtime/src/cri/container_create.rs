@@ -91,6 +91,7 @@ impl Cri {
             .and_then(|l| l.resources.as_ref())
             .map(resources);
         let agent_security = super::security::container_security(&security, srec.pid_mode)?;
+        let stop_signal = stop_signal(&image.config.stop_signal)?;
         if !config.devices.is_empty() || !config.cdi_devices.is_empty() {
             return Err(CriError::Unimplemented(
                 "host devices are not passed into vmpod sandboxes".into(),
@@ -181,6 +182,7 @@ impl Cri {
             mounts,
             log_pump: None,
             exec_base,
+            stop_signal,
         };
         if let Err(e) = self.state.save_container(&rec) {
             let _ = agent_client
@@ -371,6 +373,45 @@ fn process(
     })
 }
 
+/// An image's StopSignal ("SIGTERM", "TERM", "15", "SIGRTMIN+3") as a
+/// number; "" is 0 (SIGTERM). Anything else is refused at create time, not
+/// discovered when the kubelet stops the container.
+fn stop_signal(name: &str) -> Result<i32, CriError> {
+    let bad =
+        || CriError::InvalidArgument(format!("the image's StopSignal {name:?} is not a signal"));
+    if name.is_empty() {
+        return Ok(0);
+    }
+    if let Ok(n) = name.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(bad())
+        };
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Some(rt) = bare.strip_prefix("RTMIN") {
+        let offset = if rt.is_empty() {
+            0
+        } else {
+            rt.strip_prefix('+')
+                .and_then(|n| n.parse::<i32>().ok())
+                .ok_or_else(bad)?
+        };
+        let n = libc::SIGRTMIN() + offset;
+        return if offset >= 0 && n <= libc::SIGRTMAX() {
+            Ok(n)
+        } else {
+            Err(bad())
+        };
+    }
+    use std::str::FromStr;
+    nix::sys::signal::Signal::from_str(&format!("SIG{bare}"))
+        .map(|s| s as i32)
+        .map_err(|_| bad())
+}
+
 pub(super) fn resources(r: &k8s_cri::v1::LinuxContainerResources) -> agent::Resources {
     agent::Resources {
         cpu_shares: u64::try_from(r.cpu_shares).unwrap_or(0),
@@ -387,6 +428,18 @@ mod tests {
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn stop_signals_by_name_number_and_realtime_offset() {
+        assert_eq!(stop_signal("").unwrap(), 0);
+        assert_eq!(stop_signal("SIGQUIT").unwrap(), libc::SIGQUIT);
+        assert_eq!(stop_signal("usr1").unwrap(), libc::SIGUSR1);
+        assert_eq!(stop_signal("9").unwrap(), 9);
+        assert_eq!(stop_signal("SIGRTMIN+3").unwrap(), libc::SIGRTMIN() + 3);
+        for bad in ["SIGNOPE", "0", "65", "SIGRTMIN+99", "SIGRTMIN-1", "RTMINx"] {
+            assert!(stop_signal(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

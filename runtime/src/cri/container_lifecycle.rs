@@ -186,7 +186,12 @@ impl Cri {
         let timeout = Duration::from_secs(u64::try_from(req.timeout).unwrap_or(0));
         let mut exited = false;
         if !timeout.is_zero() {
-            let _ = self.signal(&mut client, &rec.id, libc::SIGTERM).await;
+            let first = if rec.stop_signal > 0 {
+                rec.stop_signal
+            } else {
+                libc::SIGTERM
+            };
+            let _ = self.signal(&mut client, &rec.id, first).await;
             exited = self.wait_gone(&mut client, &rec.id, timeout).await;
         }
         if !exited {

@@ -33,6 +33,8 @@ pub struct ImageConfig {
     pub working_dir: String,
     /// "uid[:gid]" or "name[:group]"; "" = root.
     pub user: String,
+    /// The image's StopSignal ("" = SIGTERM).
+    pub stop_signal: String,
 }
 
 /// A present image.
@@ -183,6 +185,7 @@ fn read_layout_config(layout: &Path) -> Result<(String, ImageConfig), ImageError
             env: strings(&c["Env"]),
             working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
             user: c["User"].as_str().unwrap_or_default().to_string(),
+            stop_signal: c["StopSignal"].as_str().unwrap_or_default().to_string(),
         },
     ))
 }
@@ -227,6 +230,7 @@ impl StoreImages {
                 env: c.env().clone().unwrap_or_default(),
                 working_dir: c.working_dir().clone().unwrap_or_default(),
                 user: c.user().clone().unwrap_or_default(),
+                stop_signal: c.stop_signal().clone().unwrap_or_default(),
             },
         })
     }

@@ -194,6 +194,10 @@ pub struct ContainerRecord {
     /// What execs in this container inherit: env, working dir, user.
     #[serde(default)]
     pub exec_base: ExecBase,
+    /// The signal StopContainer sends first (the image's StopSignal);
+    /// 0 = SIGTERM.
+    #[serde(default)]
+    pub stop_signal: i32,
 }
 
 /// The process settings an exec inherits from its container.

@@ -937,6 +937,7 @@ mod tests {
             mounts: Vec::new(),
             log_pump: None,
             exec_base: Default::default(),
+            stop_signal: 0,
         };
         lock(&cri.containers).insert(
             id.into(),
