@@ -51,6 +51,7 @@ on_both_backends!(
     a_chatty_container_survives_a_restart_and_keeps_logging,
     security_contexts_are_honoured_or_refused,
     host_pid_and_ipc_where_allowed,
+    the_kubelets_cgroup_parent_holds_the_pod,
 );
 
 async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
@@ -1404,4 +1405,97 @@ async fn host_pid_and_ipc_where_allowed(b: Backend) {
     assert_eq!(String::from_utf8_lossy(&r.stdout), ours);
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
+}
+
+/// PIDs in a cgroup of the memory hierarchy and below it.
+fn pids_under(cgroup: &std::path::Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                out.extend(pids_under(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// The kubelet's cgroup parent holds the pod: host pods' containers, VM
+/// pods' VM processes; gone after removal. A systemd slice is refused.
+async fn the_kubelets_cgroup_parent_holds_the_pod(b: Backend) {
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let parent = format!(
+        "/vmpod-test-kubepods-{}/pod-{}",
+        b.handler(),
+        std::process::id()
+    );
+    let mut config = pod_config(&d, "grouped", &[]);
+    config.linux = Some(LinuxPodSandboxConfig {
+        cgroup_parent: parent.clone(),
+        ..Default::default()
+    });
+    let pod = run_pod(&mut cri, config).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("c", &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory")
+        .join(parent.trim_start_matches('/'))
+        .join(&pod);
+    let pids = pids_under(&cgroup);
+    let cmdlines: Vec<String> = pids
+        .iter()
+        .map(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default()
+        })
+        .collect();
+    match b {
+        Backend::Host => assert!(
+            cmdlines.iter().any(|c| c.starts_with("sleep 1000")),
+            "the container is not in {}: {cmdlines:?}",
+            cgroup.display()
+        ),
+        Backend::Vm => assert!(
+            cmdlines.iter().any(|c| c.contains("qemu-system-x86_64")),
+            "the VM is not in {}: {cmdlines:?}",
+            cgroup.display()
+        ),
+    }
+    stop_remove_pod(&mut cri, &pod).await;
+    assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+    assert_no_leaks(&d, &[pod]);
+    // The kubelet's own levels are the kubelet's to remove; the test's.
+    let top = parent
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let _ = std::fs::remove_dir(h.path().join(parent.trim_start_matches('/')));
+            let _ = std::fs::remove_dir(h.path().join(top));
+        }
+    }
+
+    let mut slice = pod_config(&d, "sliced", &[]);
+    slice.linux = Some(LinuxPodSandboxConfig {
+        cgroup_parent: "kubepods-besteffort-pod1.slice".into(),
+        ..Default::default()
+    });
+    let r = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(slice),
+            runtime_handler: String::new(),
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
 }

@@ -17,6 +17,12 @@ pub enum HostSandboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error("joining the pod's cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting {binary}")]
     SpawnAgent {
         binary: PathBuf,
@@ -353,6 +359,58 @@ pub async fn end_process(pid: i32, timeout: Duration) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Moves host processes of a VM pod (its VMM or QEMU and their helpers)
+/// into the pod's cgroup in every hierarchy, so the node's accounting (the
+/// kubelet's pod cgroup, when it names one) sees the VM. cpuset cgroups
+/// start empty in cgroup v1 and take their parent's CPUs and memory nodes.
+pub fn join_cgroups(parent: &str, pids: &[i32]) -> Result<(), HostSandboxError> {
+    let rel = parent.trim_start_matches('/');
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
+        roots.push(PathBuf::from("/sys/fs/cgroup")); // cgroup v2 only
+    } else if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(
+            hierarchies
+                .flatten()
+                .map(|h| h.path())
+                .filter(|h| h.join("cgroup.procs").exists()),
+        );
+    }
+    let err = |path: &Path, e: std::io::Error| HostSandboxError::Cgroup {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    for root in roots {
+        let dir = root.join(rel);
+        // Create level by level so cpuset levels inherit as they appear.
+        let mut at = root.clone();
+        for part in Path::new(rel).components() {
+            at.push(part);
+            if at.is_dir() {
+                continue;
+            }
+            std::fs::create_dir(&at).map_err(|e| err(&at, e))?;
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let own = at.join(file);
+                let Some(up) = at.parent().map(|p| p.join(file)) else {
+                    continue;
+                };
+                if own.exists()
+                    && std::fs::read_to_string(&own).is_ok_and(|s| s.trim().is_empty())
+                    && let Ok(value) = std::fs::read_to_string(&up)
+                {
+                    std::fs::write(&own, value.trim()).map_err(|e| err(&own, e))?;
+                }
+            }
+        }
+        let procs = dir.join("cgroup.procs");
+        for pid in pids {
+            std::fs::write(&procs, pid.to_string()).map_err(|e| err(&procs, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Kills whatever still runs under a sandbox's cgroup parent, in every

@@ -68,9 +68,8 @@ impl Cri {
         if rec.is_vm() {
             shared_fs::Share::new(&self.state.sandbox_dir(&rec.id)).teardown()?;
         }
-        if !rec.is_vm() {
-            host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
-        }
+        // Host pods' containers, VM pods' host processes.
+        host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
         if let Some(netns) = &rec.netns {
             host_sandbox::remove_netns(netns);
         }

@@ -114,7 +114,14 @@ impl Cri {
             agent_pid: None,
             agent_socket: self.state.socket_dir(&id).join("agent.sock"),
             netns: (host_backend && !host_network).then(|| dir.join("netns")),
-            cgroup_parent: format!("/vmpod/{id}"),
+            cgroup_parent: pod_cgroup(
+                config
+                    .linux
+                    .as_ref()
+                    .map(|l| l.cgroup_parent.as_str())
+                    .unwrap_or(""),
+                &id,
+            )?,
             host_network,
             pid_mode: ns.pid,
             ipc_mode: ns.ipc,
@@ -209,6 +216,11 @@ impl Cri {
         let vm = vm_sandbox::start(&dir, &sockets, handler, &images)?;
         undo.push(Step::KillProcess(vm.virtiofsd_pid));
         undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
+        undo.push(Step::RemoveCgroups(rec.cgroup_parent.clone()));
+        host_sandbox::join_cgroups(
+            &rec.cgroup_parent,
+            &[vm.vmm_pid, vm.vsock_pid, vm.virtiofsd_pid],
+        )?;
         rec.vmm_pid = Some(vm.vmm_pid);
         rec.vsock_pid = Some(vm.vsock_pid);
         rec.virtiofsd_pid = Some(vm.virtiofsd_pid);
@@ -281,6 +293,35 @@ impl Cri {
     }
 }
 
+/// The pod's cgroup: `<kubelet's cgroup parent>/<sandbox ID>`, or
+/// `/vmpod/<sandbox ID>` when the kubelet names none. Host pods' containers
+/// live below it; VM pods' host processes are moved into it. Only the
+/// cgroupfs driver's paths are accepted: a systemd slice is refused, not
+/// silently replaced.
+fn pod_cgroup(parent: &str, id: &str) -> Result<String, CriError> {
+    if parent.is_empty() {
+        return Ok(format!("/vmpod/{id}"));
+    }
+    if parent.ends_with(".slice") {
+        return Err(CriError::InvalidArgument(format!(
+            "cgroup parent {parent:?} is a systemd slice; vmpod manages cgroups directly \
+             (configure the kubelet with cgroupDriver: cgroupfs)"
+        )));
+    }
+    let valid = parent.starts_with('/')
+        && parent.len() <= 512
+        && parent
+            .split('/')
+            .skip(1)
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'));
+    if !valid {
+        return Err(CriError::InvalidArgument(format!(
+            "cgroup parent {parent:?} is not an absolute cgroup path"
+        )));
+    }
+    Ok(format!("{parent}/{id}"))
+}
+
 /// One undo step of a half-made sandbox.
 #[derive(Debug)]
 pub(super) enum Step {
@@ -291,6 +332,8 @@ pub(super) enum Step {
     /// SIGKILL one process (virtiofsd, the `vmpod` VMM).
     KillProcess(i32),
     TearDownShare(std::path::PathBuf),
+    /// Kill what runs in a pod's cgroups and remove them.
+    RemoveCgroups(String),
 }
 
 /// Undo steps, run in reverse on failure.
@@ -318,6 +361,7 @@ impl Rollback {
                     host_sandbox::end_process(vsock, Duration::ZERO).await;
                 }
                 Step::KillProcess(pid) => host_sandbox::end_process(pid, Duration::ZERO).await,
+                Step::RemoveCgroups(parent) => host_sandbox::remove_cgroups(&parent).await,
                 Step::TearDownShare(dir) => {
                     if let Err(e) = super::shared_fs::Share::new(&dir).teardown() {
                         tracing::warn!(error = %super::error_chain(&e), "tearing down a pod share");
@@ -328,6 +372,32 @@ impl Rollback {
                     host_sandbox::remove_cgroups(&cgroup_parent).await;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cgroups_follow_the_kubelets_parent() {
+        assert_eq!(pod_cgroup("", "abc").unwrap(), "/vmpod/abc");
+        assert_eq!(
+            pod_cgroup("/kubepods/burstable/pod1234", "abc").unwrap(),
+            "/kubepods/burstable/pod1234/abc"
+        );
+        for bad in [
+            "kubepods",
+            "/kubepods/../etc",
+            "/kubepods//x",
+            "/kubepods/",
+            "kubepods-burstable-pod1234.slice",
+        ] {
+            assert!(
+                matches!(pod_cgroup(bad, "abc"), Err(CriError::InvalidArgument(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -494,6 +494,8 @@ impl Cri {
         let cfg = vmm_config(&dir, &sockets, handler)?;
         let pid = spawn_vmm(&dir, &cfg)?;
         undo.push(Step::KillProcess(pid));
+        undo.push(Step::RemoveCgroups(rec.cgroup_parent.clone()));
+        host_sandbox::join_cgroups(&rec.cgroup_parent, &[pid])?;
         rec.vmm_pid = Some(pid);
         rec.vsock_pid = None;
         rec.note_pid(pid);
