@@ -745,27 +745,16 @@ async fn error_codes(b: Backend) {
 async fn host_network_only_where_allowed(b: Backend) {
     let d = Daemon::on(b, "[host]\nallow_host_network = true\n");
     let mut cri = d.client().await;
-    let mut config = pod_config(&d, "hostnet", &[]);
-    config.linux = Some(LinuxPodSandboxConfig {
-        security_context: Some(LinuxSandboxSecurityContext {
-            namespace_options: Some(NamespaceOption {
-                network: NamespaceMode::Node as i32,
-                ..Default::default()
-            }),
+    let config = pod_with_namespaces(
+        &d,
+        "hostnet",
+        NamespaceOption {
+            network: NamespaceMode::Node as i32,
             ..Default::default()
-        }),
-        ..Default::default()
-    });
+        },
+    );
     if b == Backend::Vm {
-        let refused = cri
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await;
-        assert_eq!(code(refused), Code::FailedPrecondition);
-        assert_no_leaks(&d, &[]);
-        return;
+        return assert_refused_on_vm(&d, &mut cri, config).await;
     }
     let pod = run_pod(&mut cri, config).await;
     let c = create(
@@ -1164,19 +1153,29 @@ fn with_security(
     config
 }
 
-fn shared_pid_pod(d: &Daemon, name: &str) -> PodSandboxConfig {
+/// A pod config with these namespace options.
+fn pod_with_namespaces(d: &Daemon, name: &str, ns: NamespaceOption) -> PodSandboxConfig {
     let mut config = pod_config(d, name, &[]);
     config.linux = Some(LinuxPodSandboxConfig {
         security_context: Some(LinuxSandboxSecurityContext {
-            namespace_options: Some(NamespaceOption {
-                pid: NamespaceMode::Pod as i32,
-                ..Default::default()
-            }),
+            namespace_options: Some(ns),
             ..Default::default()
         }),
         ..Default::default()
     });
     config
+}
+
+/// A VM pod asking for a node namespace is refused, and leaves nothing.
+async fn assert_refused_on_vm(d: &Daemon, cri: &mut Cri, config: PodSandboxConfig) {
+    let refused = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+    assert_no_leaks(d, &[]);
 }
 
 /// Every security field is honoured or refused, never dropped: capability
@@ -1185,7 +1184,18 @@ fn shared_pid_pod(d: &Daemon, name: &str) -> PodSandboxConfig {
 async fn security_contexts_are_honoured_or_refused(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
-    let pod = run_pod(&mut cri, shared_pid_pod(&d, "secure")).await;
+    let pod = run_pod(
+        &mut cri,
+        pod_with_namespaces(
+            &d,
+            "secure",
+            NamespaceOption {
+                pid: NamespaceMode::Pod as i32,
+                ..Default::default()
+            },
+        ),
+    )
+    .await;
 
     let caps = with_security(container_config("caps", &["sleep", "1000"], &[]), |sc| {
         sc.capabilities = Some(Capability {
@@ -1348,28 +1358,17 @@ async fn security_contexts_are_honoured_or_refused(b: Backend) {
 async fn host_pid_and_ipc_where_allowed(b: Backend) {
     let d = Daemon::on(b, "[host]\nallow_host_pid = true\nallow_host_ipc = true\n");
     let mut cri = d.client().await;
-    let mut config = pod_config(&d, "hostpid", &[]);
-    config.linux = Some(LinuxPodSandboxConfig {
-        security_context: Some(LinuxSandboxSecurityContext {
-            namespace_options: Some(NamespaceOption {
-                pid: NamespaceMode::Node as i32,
-                ipc: NamespaceMode::Node as i32,
-                ..Default::default()
-            }),
+    let config = pod_with_namespaces(
+        &d,
+        "hostpid",
+        NamespaceOption {
+            pid: NamespaceMode::Node as i32,
+            ipc: NamespaceMode::Node as i32,
             ..Default::default()
-        }),
-        ..Default::default()
-    });
+        },
+    );
     if b == Backend::Vm {
-        let r = cri
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await;
-        assert_eq!(code(r), Code::FailedPrecondition);
-        assert_no_leaks(&d, &[]);
-        return;
+        return assert_refused_on_vm(&d, &mut cri, config).await;
     }
     let pod = run_pod(&mut cri, config).await;
     let c = with_security(container_config("c", &["sleep", "1000"], &[]), |sc| {

@@ -300,18 +300,7 @@ pub fn remove_sandbox_dir(dir: &Path) -> Result<(), SharedFsError> {
 /// The virtiofsd program, found on PATH or in ~/.cargo/bin (`cargo install
 /// virtiofsd`, see scripts/install-deps).
 pub fn virtiofsd_binary() -> PathBuf {
-    let name = "virtiofsd";
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    on_path
-        .or_else(|| {
-            let home = std::env::var_os("HOME")?;
-            Some(PathBuf::from(home).join(".cargo/bin").join(name)).filter(|p| p.is_file())
-        })
-        .unwrap_or_else(|| name.into())
+    crate::hypervisor::helper_program("virtiofsd")
 }
 
 /// virtiofsd's command line for a share served on `socket`.

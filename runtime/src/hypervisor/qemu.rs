@@ -9,6 +9,9 @@
 //! - `tsc=reliable`: on a loaded host the emulated timer interrupts lag, the
 //!   clocksource watchdog blames the (correct) TSC, and the guest falls
 //!   back to jiffies; seen to leave the guest's vsock unanswered for minutes.
+//! - `no_timer_check`: on a loaded host the IO-APIC timer check at boot can
+//!   miss its emulated ticks and panic the guest ("IO-APIC + timer doesn't
+//!   work"), seen with twenty TCG boots at once.
 //! - no ACPI means a guest power-off only halts, so the agent ends the VM by
 //!   rebooting (`reboot=t`) and QEMU runs with `-no-reboot`.
 
@@ -121,7 +124,7 @@ impl QemuConfig {
 
     /// The kernel command line.
     pub fn cmdline(&self) -> String {
-        let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
+        let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 no_timer_check");
         if let Some(khz) = host_tsc_khz() {
             cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
         }
@@ -300,18 +303,7 @@ impl VhostVsock {
     /// The program, found on PATH or in ~/.cargo/bin (`cargo install
     /// vhost-device-vsock`).
     pub fn binary() -> PathBuf {
-        let name = "vhost-device-vsock";
-        let on_path = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        });
-        on_path
-            .or_else(|| {
-                let home = std::env::var_os("HOME")?;
-                Some(PathBuf::from(home).join(".cargo/bin").join(name)).filter(|p| p.is_file())
-            })
-            .unwrap_or_else(|| name.into())
+        super::helper_program("vhost-device-vsock")
     }
 
     /// Starts the backend for guest `cid` with its sockets in `dir`, and
