@@ -69,6 +69,19 @@ impl Cri {
         if !rec.is_vm() {
             host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
         }
+        // CNI DEL while the namespace still exists; a failure fails the
+        // stop (the kubelet retries it) with the namespace kept for DEL.
+        if let Some(att) = &rec.cni {
+            super::cni::del(&self.config.cni.bin_dirs, att).await?;
+            let r = {
+                let mut r = lock(&sandbox.rec);
+                r.cni = None;
+                r.tap = None;
+                r.clone()
+            };
+            self.state.save_sandbox(&r)?;
+            tracing::info!(sandbox = %rec.id, "pod network detached");
+        }
         if let Some(netns) = &rec.netns {
             host_sandbox::remove_netns(netns);
         }

@@ -89,6 +89,13 @@ pub struct SandboxRecord {
     /// or killed as, the sandbox's.
     #[serde(default)]
     pub pid_starts: BTreeMap<String, u64>,
+    /// The pod's CNI attachment: what DEL needs, even after a restart and
+    /// a change of the config files. None = loopback only (or torn down).
+    #[serde(default)]
+    pub cni: Option<crate::cri::cni::Attachment>,
+    /// VM pods on a CNI network: the tap device in the pod's netns.
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 impl SandboxRecord {
