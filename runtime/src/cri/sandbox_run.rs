@@ -113,7 +113,6 @@ impl Cri {
         };
 
         let id = new_id()?;
-        let dir = self.state.sandbox_dir(&id);
         let hostname = if config.hostname.is_empty() {
             meta.name.clone()
         } else {
@@ -138,7 +137,7 @@ impl Cri {
             // Host pods always get their own namespace; VM pods one for
             // their network (QEMU and the tap live there).
             netns: (!host_network && (host_backend || network.is_some()))
-                .then(|| dir.join("netns")),
+                .then(|| self.state.netns_path(&id)),
             cgroup_parent: format!("/vmpod/{id}"),
             host_network,
             pid_mode: ns.pid,

@@ -237,6 +237,12 @@ impl StateDir {
         self.root.join("s").join(id.get(..16).unwrap_or(id))
     }
 
+    /// Where a pod's network namespace is bind-mounted: outside its
+    /// sandbox dir, whose VM share teardown refuses to run over mounts.
+    pub fn netns_path(&self, id: &str) -> PathBuf {
+        self.root.join("netns").join(id)
+    }
+
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.sandboxes().join(id)
     }
