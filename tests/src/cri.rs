@@ -16,6 +16,10 @@ use tonic::Code;
 
 use crate::{artefact, static_agent, workspace_root};
 
+/// The loopback-only network every test daemon starts with, in
+/// [`Daemon::cni_conf_dir`].
+pub const LOOPBACK_CONFLIST: &str = "99-loopback.conflist";
+
 /// The demo image's name in the test config.
 pub const BUSYBOX: &str = "localhost/vmpod/busybox:latest";
 
@@ -134,13 +138,20 @@ impl Daemon {
             layout = artefact("demo-image").display(),
             kernel = artefact("vmlinux").display(),
             initramfs = artefact("initramfs.cpio").display(),
-            // Never the machine's /etc/cni/net.d: empty (loopback-only
-            // pods) unless a test writes a network into it.
+            // Never the machine's /etc/cni/net.d.
             cni = dir.path().join("cni").display(),
             // Where a test may put fake plugins.
             cni_bin = dir.path().join("cni-bin").display(),
         );
+        // A loopback-only network: every pod goes through CNI ADD/DEL and
+        // the node reports NetworkReady, without touching any real network.
+        // Tests of real networks add a config that sorts before it.
         std::fs::create_dir_all(dir.path().join("cni")).expect("the CNI conf dir");
+        std::fs::write(
+            dir.path().join("cni").join(LOOPBACK_CONFLIST),
+            r#"{"cniVersion": "1.0.0", "name": "lo-only", "plugins": [{"type": "loopback"}]}"#,
+        )
+        .expect("writing the loopback network");
         let netns = own_netns.then(|| {
             let path = dir.path().join("node-netns");
             vmpod::cri::host_sandbox::create_netns(&path).expect("creating the test netns");
@@ -282,7 +293,8 @@ impl Daemon {
         self.dir.path().join("state")
     }
 
-    /// The CNI conf dir of the test config (empty at first).
+    /// The CNI conf dir of the test config (holding [`LOOPBACK_CONFLIST`]
+    /// at first).
     pub fn cni_conf_dir(&self) -> PathBuf {
         self.dir.path().join("cni")
     }

@@ -202,6 +202,9 @@ async fn network_readiness_host_pod_ips_and_rollback() {
     plugin_dir();
     let d = Daemon::in_netns(Backend::Host, "");
     let mut cri = d.client().await;
+    // The harness's loopback network: ready, and ADD/DEL run for it.
+    assert!(network_ready(&mut cri).await.status);
+    std::fs::remove_file(d.cni_conf_dir().join(LOOPBACK_CONFLIST)).unwrap();
 
     let cond = network_ready(&mut cri).await;
     assert!(!cond.status, "{cond:?}");

@@ -134,7 +134,12 @@ impl Cri {
         let _op = sandbox.op.lock().await;
         // Removing a ready pod stops it first (containerd refuses instead;
         // the kubelet always stops first, so both agree for it).
-        if lock(&sandbox.rec).state == SandboxState::Ready || lock(&sandbox.agent).is_some() {
+        // A pod whose agent died was never stopped: its network still
+        // needs its DEL.
+        if lock(&sandbox.rec).state == SandboxState::Ready
+            || lock(&sandbox.agent).is_some()
+            || lock(&sandbox.rec).cni.is_some()
+        {
             self.stop_locked(&sandbox).await?;
         }
         let id = lock(&sandbox.rec).id.clone();

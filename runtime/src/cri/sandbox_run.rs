@@ -290,10 +290,14 @@ impl Cri {
                 .as_ref()
                 .map(|a| a.result.clone())
                 .unwrap_or_default();
-            // The tap dies with the namespace; nothing to undo by itself.
-            let guest = vm_network::connect(&netns, &result).await?;
-            rec.tap = Some(guest.tap.clone());
-            nic = Some(guest);
+            // A network that gives the pod no address (loopback only) gives
+            // the VM no NIC. The tap dies with the namespace; nothing to
+            // undo by itself.
+            if !cni::pod_network(&result).ips.is_empty() {
+                let guest = vm_network::connect(&netns, &result).await?;
+                rec.tap = Some(guest.tap.clone());
+                nic = Some(guest);
+            }
         }
         let images = self.images.list();
         // Before the VM starts: its share's mounts go before its dir.
