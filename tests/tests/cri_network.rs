@@ -204,6 +204,10 @@ async fn network_readiness_host_pod_ips_and_rollback() {
     let mut cri = d.client().await;
     // The harness's loopback network: ready, and ADD/DEL run for it.
     assert!(network_ready(&mut cri).await.status);
+    // Its 127.0.0.1 is not a pod IP.
+    let on_lo_net = run_pod(&mut cri, pod_config(&d, "on-lo-net", &[])).await;
+    assert_eq!(pod_ip(&mut cri, &on_lo_net).await, "");
+    stop_remove_pod(&mut cri, &on_lo_net).await;
     std::fs::remove_file(d.cni_conf_dir().join(LOOPBACK_CONFLIST)).unwrap();
 
     let cond = network_ready(&mut cri).await;
@@ -302,7 +306,7 @@ async fn network_readiness_host_pod_ips_and_rollback() {
         .items;
     assert!(pods.is_empty(), "{pods:?}");
     assert_no_netns(&d);
-    assert_no_leaks(&d, &[lo_only, pod]);
+    assert_no_leaks(&d, &[on_lo_net, lo_only, pod]);
 }
 
 /// Host pods and VM pods on one bridge: host ↔ host, VM → host, host → VM

@@ -583,20 +583,24 @@ pub struct PodNetwork {
 }
 
 /// Reads the pod's side out of an ADD result (0.3.x to 1.x: `ips` entries
-/// point at `interfaces` by index; only those in the sandbox, or with no
-/// interface, are the pod's — a bridge's gateway address is not).
+/// point at `interfaces` by index). As containerd, the pod's addresses are
+/// those of its eth0 in the sandbox: not a bridge's gateway address on the
+/// host, not the loopback plugin's 127.0.0.1; an address that names no
+/// interface counts unless it is a loopback one.
 pub fn pod_network(result: &Value) -> PodNetwork {
     let interfaces = result
         .get("interfaces")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let in_sandbox = |i: usize| {
-        interfaces
-            .get(i)
-            .and_then(|iface| iface.get("sandbox"))
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty())
+    let is_pod_if = |i: usize| {
+        interfaces.get(i).is_some_and(|iface| {
+            iface.get("name").and_then(Value::as_str) == Some(POD_IFNAME)
+                && iface
+                    .get("sandbox")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+        })
     };
     let mut net = PodNetwork {
         mac: interfaces
@@ -620,11 +624,6 @@ pub fn pod_network(result: &Value) -> PodNetwork {
         .into_iter()
         .flatten()
     {
-        if let Some(idx) = ip.get("interface").and_then(Value::as_u64)
-            && !in_sandbox(usize::try_from(idx).unwrap_or(usize::MAX))
-        {
-            continue;
-        }
         let Some((addr, prefix)) = ip
             .get("address")
             .and_then(Value::as_str)
@@ -632,6 +631,13 @@ pub fn pod_network(result: &Value) -> PodNetwork {
         else {
             continue;
         };
+        let pod_owned = match ip.get("interface").and_then(Value::as_u64) {
+            Some(idx) => is_pod_if(usize::try_from(idx).unwrap_or(usize::MAX)),
+            None => !addr.is_loopback(),
+        };
+        if !pod_owned {
+            continue;
+        }
         let gateway = ip
             .get("gateway")
             .and_then(Value::as_str)
@@ -866,6 +872,21 @@ mod tests {
         let addrs: Vec<String> = net.ips.iter().map(|i| i.address.to_string()).collect();
         assert_eq!(addrs, ["10.1.0.7", "fd00::7"]);
         assert_eq!(net.mac, None);
+
+        // The loopback plugin's own result: lo's addresses are not the pod's.
+        let lo = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "lo", "mac": "00:00:00:00:00:00", "sandbox": "/n"}],
+            "ips": [
+                {"interface": 0, "address": "127.0.0.1/8"},
+                {"interface": 0, "address": "::1/128"}
+            ]
+        });
+        assert_eq!(pod_network(&lo).ips, []);
+        let unattached = serde_json::json!({
+            "ips": [{"address": "127.0.0.1/8"}, {"address": "10.2.0.9/16"}]
+        });
+        assert_eq!(pod_network(&unattached).ips.len(), 1);
         assert_eq!(pod_network(&Value::Null), PodNetwork::default());
     }
 
