@@ -12,6 +12,7 @@
 
 mod container;
 mod init;
+mod netif;
 mod process;
 mod sandbox;
 mod server;

@@ -133,6 +133,13 @@ pub fn setup(manager: &Manager, req: &SetupSandboxRequest) -> Result<(), Contain
             ContainerError::InvalidArgument(format!("setting sysctl {key}={value:?}: {e}"))
         })?;
     }
+    crate::netif::configure(&req.interfaces).map_err(|e| match e {
+        crate::netif::NetifError::Invalid(m) => ContainerError::InvalidArgument(m),
+        other => ContainerError::Internal(format!(
+            "configuring the pod's network: {}",
+            crate::container::chain(&other)
+        )),
+    })?;
     let mut files = manager.sandbox.lock().unwrap_or_else(|p| p.into_inner());
     if !req.hostname.is_empty() {
         nix::unistd::sethostname(&req.hostname)

@@ -16,6 +16,10 @@ use tonic::Code;
 
 use crate::{artefact, static_agent, workspace_root};
 
+/// The loopback-only network every test daemon starts with, in
+/// [`Daemon::cni_conf_dir`].
+pub const LOOPBACK_CONFLIST: &str = "99-loopback.conflist";
+
 /// The demo image's name in the test config.
 pub const BUSYBOX: &str = "localhost/vmpod/busybox:latest";
 
@@ -54,6 +58,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub config: PathBuf,
     child: Option<Child>,
+    /// The network namespace the daemon runs in (see [`Daemon::in_netns`]).
+    netns: Option<PathBuf>,
 }
 
 /// Which sandbox backend a scenario's pods run on (the daemon's default
@@ -101,7 +107,21 @@ impl Daemon {
         Daemon::start_with("host", extra)
     }
 
+    /// Like [`Daemon::on`], but `vmpod serve` (and so every CNI plugin,
+    /// bridge and VMM it starts) runs in a fresh network namespace of its
+    /// own, so pod networks never touch the machine's; removed on drop.
+    pub fn in_netns(backend: Backend, extra: &str) -> Daemon {
+        if backend == Backend::Vm {
+            crate::require_program("qemu-system-x86_64", "qemu-system-x86");
+        }
+        Daemon::start_full(backend.handler(), extra, true)
+    }
+
     fn start_with(default_handler: &str, extra: &str) -> Daemon {
+        Daemon::start_full(default_handler, extra, false)
+    }
+
+    fn start_full(default_handler: &str, extra: &str, own_netns: bool) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("vmpod.sock");
         let config = dir.path().join("config.toml");
@@ -113,7 +133,9 @@ impl Daemon {
              kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
              [handlers.vmpod]\nbackend = \"vm\"\nhypervisor = \"vmpod\"\n\
              kernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\
-             [[static_images]]\nname = \"{BUSYBOX}\"\nerofs = \"{erofs}\"\noci_layout = \"{layout}\"\n",
+             [[static_images]]\nname = \"{BUSYBOX}\"\nerofs = \"{erofs}\"\noci_layout = \"{layout}\"\n\
+             [cni]\nconf_dir = \"{cni}\"\n\
+             bin_dirs = [\"/opt/cni/bin\", \"/usr/lib/cni\", \"{cni_bin}\"]\n",
             state = dir.path().join("state").display(),
             logs = dir.path().join("logs").display(),
             agent = static_agent().display(),
@@ -121,13 +143,32 @@ impl Daemon {
             layout = artefact("demo-image").display(),
             kernel = artefact("vmlinux").display(),
             initramfs = artefact("initramfs.cpio").display(),
+            // Never the machine's /etc/cni/net.d.
+            cni = dir.path().join("cni").display(),
+            // Where a test may put fake plugins.
+            cni_bin = dir.path().join("cni-bin").display(),
         );
+        // A loopback-only network: every pod goes through CNI ADD/DEL and
+        // the node reports NetworkReady, without touching any real network.
+        // Tests of real networks add a config that sorts before it.
+        std::fs::create_dir_all(dir.path().join("cni")).expect("the CNI conf dir");
+        std::fs::write(
+            dir.path().join("cni").join(LOOPBACK_CONFLIST),
+            r#"{"cniVersion": "1.0.0", "name": "lo-only", "plugins": [{"type": "loopback"}]}"#,
+        )
+        .expect("writing the loopback network");
+        let netns = own_netns.then(|| {
+            let path = dir.path().join("node-netns");
+            vmpod::cri::host_sandbox::create_netns(&path).expect("creating the test netns");
+            path
+        });
         std::fs::write(&config, text).expect("writing the config");
         let mut d = Daemon {
             dir,
             socket,
             config,
             child: None,
+            netns,
         };
         d.spawn();
         d
@@ -140,7 +181,26 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("vmpod.log"))
             .expect("daemon log");
-        let child = Command::new(vmpod_binary())
+        let mut cmd = Command::new(vmpod_binary());
+        if let Some(netns) = &self.netns {
+            let ns = std::fs::File::open(netns).expect("opening the test netns");
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            let in_child = move || {
+                let _keep = &ns;
+                // SAFETY: setns takes an fd that stays open (`ns` lives in
+                // this closure) and a constant flag.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            // SAFETY: the closure makes one async-signal-safe system call
+            // (setns) and allocates nothing.
+            unsafe { cmd.pre_exec(in_child) };
+        }
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(&self.socket)
@@ -239,6 +299,23 @@ impl Daemon {
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+
+    /// The CNI conf dir of the test config (holding [`LOOPBACK_CONFLIST`]
+    /// at first).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni")
+    }
+
+    /// A CNI bin dir of the test config, after the real ones (fake
+    /// plugins go here; absent at first).
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.path().join("cni-bin")
+    }
+
+    /// The daemon's network namespace, when it has its own.
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
+    }
 }
 
 impl Drop for Daemon {
@@ -258,6 +335,20 @@ impl Drop for Daemon {
             }
         }
         self.unmount_leftovers();
+        self.remove_sandboxes_and_netns();
+    }
+}
+
+impl Daemon {
+    fn remove_sandboxes_and_netns(&self) {
+        self.kill_recorded_sandboxes();
+        // Last: what CNI made in it (bridge, veths) goes with it.
+        if let Some(netns) = &self.netns {
+            vmpod::cri::host_sandbox::remove_netns(netns);
+        }
+    }
+
+    fn kill_recorded_sandboxes(&self) {
         let Ok(entries) = std::fs::read_dir(self.state_dir().join("sandboxes")) else {
             return;
         };
@@ -500,7 +591,11 @@ pub async fn stop_remove_pod(cri: &mut Cri, pod: &str) {
 pub fn assert_no_leaks(d: &Daemon, pods: &[String]) {
     let procs = processes_mentioning(&d.state_dir());
     assert!(procs.is_empty(), "processes left behind: {procs:?}");
-    let mounts = mounts_under(d.dir.path());
+    let own_netns = d.netns().map(|p| p.display().to_string());
+    let mounts: Vec<String> = mounts_under(d.dir.path())
+        .into_iter()
+        .filter(|m| m.split(' ').nth(4) != own_netns.as_deref())
+        .collect();
     assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
     for pod in pods {
         let cgroups = cgroups_of(pod);

@@ -584,6 +584,7 @@ async fn sandbox_settings_namespaces_and_mounts(backend: Backend) {
         dns_options: vec!["ndots:5".into()],
         // IPC-namespaced: the pod's own (the host agent unshares IPC).
         sysctls: [("kernel.shm_rmid_forced".to_string(), "1".to_string())].into(),
+        ..Default::default()
     };
     agent.setup_sandbox(setup).await.expect("SetupSandbox");
     let bad = SetupSandboxRequest {

@@ -58,6 +58,34 @@ pub struct Config {
     /// platform, unpack bounds, `erofs_timeout_secs`); images live in
     /// `<state_dir>/images`, shared with `vmpod image`. See docs/config.md.
     pub image: crate::image::manager::ImageConfig,
+    /// `[cni]`: pod networking through CNI plugins.
+    pub cni: CniConfig,
+}
+
+/// Where the CNI network configuration and plugins are.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniConfig {
+    /// Network configuration files (`.conflist`, `.conf`, `.json`).
+    /// Default `/etc/cni/net.d`.
+    pub conf_dir: PathBuf,
+    /// Where plugin binaries are looked up, in order (CNI_PATH).
+    /// Default `["/opt/cni/bin", "/usr/lib/cni"]` (Debian's
+    /// containernetworking-plugins installs into /usr/lib/cni).
+    pub bin_dirs: Vec<PathBuf>,
+    /// The network pods join, by its `name`. Default: the first config
+    /// file in `conf_dir` by file name, as containerd.
+    pub network: Option<String>,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            network: None,
+        }
+    }
 }
 
 /// One runtime handler.
@@ -321,6 +349,7 @@ impl Default for Config {
             host: HostPolicy::default(),
             static_images: Vec::new(),
             image: crate::image::manager::ImageConfig::default(),
+            cni: CniConfig::default(),
         }
     }
 }
@@ -368,6 +397,15 @@ impl Config {
                 "default_handler {:?} is not a configured handler",
                 self.default_handler
             )));
+        }
+        if !self.cni.conf_dir.is_absolute()
+            || self.cni.bin_dirs.is_empty()
+            || self.cni.bin_dirs.iter().any(|d| !d.is_absolute())
+        {
+            return Err(ConfigError::Invalid(
+                "cni.conf_dir and cni.bin_dirs must be absolute paths (at least one bin dir)"
+                    .into(),
+            ));
         }
         for (name, h) in &self.handlers {
             h.validate(name)?;
@@ -423,6 +461,24 @@ mod tests {
         // A vm handler that names no hypervisor gets vmpod too.
         let cfg = Config::parse("[handlers.vm]\nbackend = \"vm\"\n").unwrap();
         assert_eq!(cfg.handler("vm").unwrap().1.hypervisor(), Hypervisor::Vmpod);
+        assert_eq!(cfg.cni.conf_dir, Path::new("/etc/cni/net.d"));
+        assert_eq!(
+            cfg.cni.bin_dirs,
+            [Path::new("/opt/cni/bin"), Path::new("/usr/lib/cni")]
+        );
+        assert_eq!(cfg.cni.network, None);
+    }
+
+    #[test]
+    fn cni_section() {
+        let cfg = Config::parse(
+            "[cni]\nconf_dir = \"/x/net.d\"\nbin_dirs = [\"/x/bin\"]\nnetwork = \"podnet\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.cni.network.as_deref(), Some("podnet"));
+        assert!(Config::parse("[cni]\nbin_dirs = []").is_err());
+        assert!(Config::parse("[cni]\nconf_dir = \"rel\"").is_err());
+        assert!(Config::parse("[cni]\nconfdir = \"/x\"").is_err());
     }
 
     #[test]

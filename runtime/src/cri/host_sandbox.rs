@@ -41,6 +41,9 @@ pub fn create_netns(path: &Path) -> Result<(), HostSandboxError> {
             source,
         }
     };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err("creating its directory"))?;
+    }
     std::fs::File::create(path).map_err(err("creating the mount point"))?;
     let target = path.to_path_buf();
     // unshare(CLONE_NEWNET) changes only the calling thread: a fresh thread

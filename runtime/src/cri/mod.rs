@@ -6,6 +6,7 @@
 //! `container_create.rs`, ...), which work on the [`Cri`] runtime and its
 //! stores ([`store`]).
 
+pub mod cni;
 pub mod config;
 mod container_create;
 mod container_lifecycle;
@@ -28,6 +29,7 @@ pub mod service;
 pub mod shared_fs;
 mod stats;
 pub mod store;
+pub mod vm_network;
 pub mod vm_sandbox;
 pub mod vmm_sandbox;
 
@@ -75,6 +77,10 @@ pub enum CriError {
     SharedFs(#[from] shared_fs::SharedFsError),
     #[error(transparent)]
     VmmSandbox(#[from] vmm_sandbox::VmmSandboxError),
+    #[error(transparent)]
+    Cni(#[from] cni::CniError),
+    #[error(transparent)]
+    VmNetwork(#[from] vm_network::VmNetworkError),
     #[error("the agent cannot be reached")]
     AgentUnreachable(#[source] crate::agent_client::AgentClientError),
 }
@@ -103,6 +109,8 @@ impl CriError {
             | CriError::Store(_)
             | CriError::HostSandbox(_)
             | CriError::VmmSandbox(_)
+            | CriError::Cni(_)
+            | CriError::VmNetwork(_)
             | CriError::Image(_)
             | CriError::SharedFs(_) => Code::Internal,
         };
@@ -161,6 +169,8 @@ impl Container {
 /// The runtime: configuration, stores, image resolver, event stream.
 pub struct Cri {
     config: Config,
+    /// The node's CNI network, re-read when its conf dir changes.
+    cni: cni::Cni,
     state: StateDir,
     images: Arc<dyn ImageResolver>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
@@ -191,6 +201,11 @@ impl Cri {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Cri {
             state: StateDir::new(&config.state_dir),
+            cni: cni::Cni::new(
+                config.cni.conf_dir.clone(),
+                config.cni.bin_dirs.clone(),
+                config.cni.network.clone(),
+            ),
             config,
             images,
             sandboxes: Mutex::new(HashMap::new()),

@@ -47,9 +47,15 @@ impl Cri {
                             format!("the agent binary {} is missing", agent.display())
                         },
                     ),
-                    // Pods get their own namespace with loopback; CNI is a
-                    // later issue, so the node network is as ready as it gets.
-                    condition("NetworkReady", true, "", ""),
+                    match self.cni.current() {
+                        Ok(_) => condition("NetworkReady", true, "", ""),
+                        Err(why) => condition(
+                            "NetworkReady",
+                            false,
+                            "NetworkPluginNotReady",
+                            &format!("cni config uninitialized: {why}"),
+                        ),
+                    },
                 ],
             }),
             info,
@@ -72,13 +78,14 @@ impl Cri {
         &self,
         req: UpdateRuntimeConfigRequest,
     ) -> Result<UpdateRuntimeConfigResponse, CriError> {
-        // The only setting is the pod CIDR, which matters once CNI lands.
+        // The only setting is the pod CIDR; CNI's IPAM config decides
+        // addresses (as with containerd's default template-less setup).
         if let Some(cidr) = req
             .runtime_config
             .and_then(|c| c.network_config)
             .map(|n| n.pod_cidr)
         {
-            tracing::info!(%cidr, "pod CIDR updated (unused until CNI)");
+            tracing::info!(%cidr, "pod CIDR updated (addresses come from the CNI IPAM config)");
         }
         Ok(UpdateRuntimeConfigResponse {})
     }

@@ -70,6 +70,19 @@ impl Cri {
         }
         // Host pods' containers, VM pods' host processes.
         host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
+        // CNI DEL while the namespace still exists; a failure fails the
+        // stop (the kubelet retries it) with the namespace kept for DEL.
+        if let Some(att) = &rec.cni {
+            super::cni::del(&self.config.cni.bin_dirs, att).await?;
+            let r = {
+                let mut r = lock(&sandbox.rec);
+                r.cni = None;
+                r.tap = None;
+                r.clone()
+            };
+            self.state.save_sandbox(&r)?;
+            tracing::info!(sandbox = %rec.id, "pod network detached");
+        }
         if let Some(netns) = &rec.netns {
             host_sandbox::remove_netns(netns);
         }
@@ -122,7 +135,12 @@ impl Cri {
         let _op = sandbox.op.lock().await;
         // Removing a ready pod stops it first (containerd refuses instead;
         // the kubelet always stops first, so both agree for it).
-        if lock(&sandbox.rec).state == SandboxState::Ready || lock(&sandbox.agent).is_some() {
+        // A pod whose agent died was never stopped: its network still
+        // needs its DEL.
+        if lock(&sandbox.rec).state == SandboxState::Ready
+            || lock(&sandbox.agent).is_some()
+            || lock(&sandbox.rec).cni.is_some()
+        {
             self.stop_locked(&sandbox).await?;
         }
         let id = lock(&sandbox.rec).id.clone();

@@ -25,6 +25,24 @@ fn metadata(r: &SandboxRecord) -> PodSandboxMetadata {
     }
 }
 
+/// The pod's own addresses from its CNI result: the first is `ip`, the
+/// others `additional_ips` (none for loopback-only and host-network pods).
+fn network_status(rec: &SandboxRecord) -> PodSandboxNetworkStatus {
+    let ips: Vec<String> = rec
+        .cni
+        .as_ref()
+        .map(|a| super::cni::pod_network(&a.result).ips)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|ip| ip.address.to_string())
+        .collect();
+    let mut ips = ips.into_iter();
+    PodSandboxNetworkStatus {
+        ip: ips.next().unwrap_or_default(),
+        additional_ips: ips.map(|ip| k8s_cri::v1::PodIp { ip }).collect(),
+    }
+}
+
 impl Cri {
     /// The sandbox's record, with READY turned NOTREADY when its agent died
     /// since the last call.
@@ -56,6 +74,9 @@ impl Cri {
                 "imageDisks": rec.image_disks,
                 "agentSocket": rec.agent_socket,
                 "netns": rec.netns,
+                "cniNetwork": rec.cni.as_ref().map(|a| &a.network.name),
+                "cniResult": rec.cni.as_ref().map(|a| &a.result),
+                "tap": rec.tap,
                 "cgroupParent": rec.cgroup_parent,
             });
             info.insert("info".to_string(), verbose.to_string());
@@ -71,8 +92,7 @@ impl Cri {
                 metadata: Some(metadata(&rec)),
                 state: cri_state(rec.state),
                 created_at: rec.created_at,
-                // No CNI yet: the pod has loopback only.
-                network: Some(PodSandboxNetworkStatus::default()),
+                network: Some(network_status(&rec)),
                 linux: Some(LinuxPodSandboxStatus {
                     namespaces: Some(Namespace {
                         options: Some(NamespaceOption {

@@ -1,16 +1,20 @@
 //! RunPodSandbox: checks the pod's isolation against the handler's policy,
-//! then (host backend) makes the network namespace, starts the agent in it
-//! and configures the pod through SetupSandbox. Each step registers its undo;
-//! a failure runs them in reverse, so nothing leaks.
+//! makes the pod's network namespace and runs CNI ADD in it (when the node
+//! has a CNI network), then starts the agent in it (host backend) or a VM
+//! whose tap is wired to the namespace's eth0 (VM backend), and configures
+//! the pod through SetupSandbox. Each step registers its undo; a failure
+//! runs them in reverse, so nothing leaks.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 
+use super::cni::{self, NetworkList};
 use super::config::{Backend, Hypervisor};
 use super::host_sandbox::{self, AgentLaunch};
 use super::store::{SandboxRecord, SandboxState};
+use super::vm_network;
 use super::{Cri, CriError, Sandbox, new_id, now_ns};
 use super::{vm_sandbox, vmm_sandbox};
 use crate::agent_client;
@@ -90,8 +94,25 @@ impl Cri {
             return refuse("privileged mode");
         }
 
+        // The pod's network: the node's CNI network when it has one. A node
+        // with no CNI config at all gives pods loopback only (so a runtime
+        // without networking still runs pods); a broken config is refused,
+        // as containerd does, rather than silently giving no network.
+        let network = if host_network {
+            None
+        } else {
+            match self.cni.current() {
+                Ok(net) => Some(net),
+                Err(_) if !self.cni.has_config_files() => None,
+                Err(why) => {
+                    return Err(CriError::FailedPrecondition(format!(
+                        "the pod network is not ready: {why}"
+                    )));
+                }
+            }
+        };
+
         let id = new_id()?;
-        let dir = self.state.sandbox_dir(&id);
         let hostname = if config.hostname.is_empty() {
             meta.name.clone()
         } else {
@@ -113,7 +134,10 @@ impl Cri {
             hostname: hostname.clone(),
             agent_pid: None,
             agent_socket: self.state.socket_dir(&id).join("agent.sock"),
-            netns: (host_backend && !host_network).then(|| dir.join("netns")),
+            // Host pods always get their own namespace; VM pods one for
+            // their network (QEMU and the tap live there).
+            netns: (!host_network && (host_backend || network.is_some()))
+                .then(|| self.state.netns_path(&id)),
             cgroup_parent: pod_cgroup(
                 config
                     .linux
@@ -131,14 +155,29 @@ impl Cri {
             virtiofsd_pid: None,
             image_disks: Default::default(),
             pid_starts: Default::default(),
+            cni: None,
+            tap: None,
         };
         let mut undo = Rollback::default();
         let result = if host_backend {
-            self.start_host_sandbox(rec, config.dns_config, config.linux, &mut undo)
-                .await
+            self.start_host_sandbox(
+                rec,
+                network.as_ref(),
+                config.dns_config,
+                config.linux,
+                &mut undo,
+            )
+            .await
         } else {
-            self.start_vm_sandbox(rec, &handler, config.dns_config, config.linux, &mut undo)
-                .await
+            self.start_vm_sandbox(
+                rec,
+                &handler,
+                network.as_ref(),
+                config.dns_config,
+                config.linux,
+                &mut undo,
+            )
+            .await
         };
         match result {
             Ok(sandbox) => {
@@ -158,6 +197,7 @@ impl Cri {
     async fn start_host_sandbox(
         &self,
         mut rec: SandboxRecord,
+        network: Option<&NetworkList>,
         dns: Option<k8s_cri::v1::DnsConfig>,
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
         undo: &mut Rollback,
@@ -170,6 +210,9 @@ impl Cri {
         if let Some(netns) = &rec.netns {
             host_sandbox::create_netns(netns)?;
             undo.push(Step::RemoveNetns(netns.clone()));
+            if let Some(network) = network {
+                self.attach_network(&mut rec, network, undo).await?;
+            }
         }
         let binary = self.config.agent_binary();
         let pid = host_sandbox::spawn_agent(&AgentLaunch {
@@ -188,13 +231,53 @@ impl Cri {
         let agent = agent_client::connect_ready(&rec.agent_addr(), AGENT_READY_TIMEOUT)
             .await
             .map_err(CriError::AgentUnreachable)?;
-        self.setup(rec, agent, dns, linux).await
+        self.setup(rec, agent, dns, linux, Vec::new()).await
+    }
+
+    /// CNI ADD in the pod's namespace; the attachment goes into the record
+    /// (DEL needs it, even after a restart) and its DEL into the rollback.
+    async fn attach_network(
+        &self,
+        rec: &mut SandboxRecord,
+        network: &NetworkList,
+        undo: &mut Rollback,
+    ) -> Result<(), CriError> {
+        let Some(netns) = rec.netns.clone() else {
+            return Ok(());
+        };
+        let pod = cni::PodRef {
+            sandbox_id: rec.id.clone(),
+            namespace: rec.namespace.clone(),
+            name: rec.name.clone(),
+            uid: rec.uid.clone(),
+            netns,
+        };
+        let bins = self.config.cni.bin_dirs.clone();
+        let att = match cni::add(&bins, network, &pod).await {
+            Ok(att) => att,
+            Err(e) => {
+                // Plugins that did run may hold addresses: DEL them all
+                // (DEL is idempotent for those that did not).
+                let pending = cni::Attachment {
+                    network: network.clone(),
+                    pod,
+                    result: serde_json::Value::Null,
+                };
+                let _ = cni::del(&bins, &pending).await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(sandbox = %rec.id, network = %network.name, "pod network attached");
+        undo.push(Step::CniDel(bins, Box::new(att.clone())));
+        rec.cni = Some(att);
+        Ok(())
     }
 
     async fn start_vm_sandbox(
         &self,
         mut rec: SandboxRecord,
         handler: &super::config::Handler,
+        network: Option<&NetworkList>,
         dns: Option<k8s_cri::v1::DnsConfig>,
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
         undo: &mut Rollback,
@@ -202,7 +285,31 @@ impl Cri {
         // vCPUs and memory: the handler's plus the pod's limits, on both
         // hypervisors.
         let handler = &vmm_sandbox::sized_handler(handler, linux.as_ref())?;
+        // The pod's network first: its namespace, CNI ADD there.
+        let mut addressed = None;
+        if let (Some(netns), Some(network)) = (rec.netns.clone(), network) {
+            host_sandbox::create_netns(&netns)?;
+            undo.push(Step::RemoveNetns(netns.clone()));
+            self.attach_network(&mut rec, network, undo).await?;
+            let result = rec
+                .cni
+                .as_ref()
+                .map(|a| a.result.clone())
+                .unwrap_or_default();
+            // A network that gives the pod no address (loopback only) gives
+            // the VM no NIC.
+            if !cni::pod_network(&result).ips.is_empty() {
+                addressed = Some((netns, result));
+            }
+        }
         if handler.hypervisor() == Hypervisor::Vmpod {
+            if addressed.is_some() {
+                return Err(CriError::FailedPrecondition(
+                    "the node's CNI network gives pods an address, but the vmpod hypervisor has \
+                     no network device yet; use a handler with hypervisor = \"qemu\""
+                        .into(),
+                ));
+            }
             return self.start_vmm_sandbox(rec, handler, dns, linux, undo).await;
         }
         let dir = self.state.sandbox_dir(&rec.id);
@@ -210,10 +317,17 @@ impl Cri {
             .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
         undo.push(Step::RemoveDir(dir.clone()));
         let sockets = self.make_socket_dir(&rec.id, undo)?;
+        let mut nic = None;
+        if let Some((netns, result)) = addressed {
+            // The tap dies with the namespace; nothing to undo by itself.
+            let guest = vm_network::connect(&netns, &result).await?;
+            rec.tap = Some(guest.tap.clone());
+            nic = Some(guest);
+        }
         let images = self.images.list();
         // Before the VM starts: its share's mounts go before its dir.
         undo.push(Step::TearDownShare(dir.clone()));
-        let vm = vm_sandbox::start(&dir, &sockets, handler, &images)?;
+        let vm = vm_sandbox::start(&dir, &sockets, handler, &images, nic.as_ref())?;
         undo.push(Step::KillProcess(vm.virtiofsd_pid));
         undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
         undo.push(Step::RemoveCgroups(rec.cgroup_parent.clone()));
@@ -244,7 +358,8 @@ impl Cri {
                     vm_sandbox::console_tail(&dir)
                 ))
             })?;
-        self.setup(rec, agent, dns, linux).await
+        let interfaces = nic.map(|n| vec![n.interface]).unwrap_or_default();
+        self.setup(rec, agent, dns, linux, interfaces).await
     }
 
     /// Creates the sandbox's socket dir (it must be new: its name is a
@@ -272,6 +387,7 @@ impl Cri {
         mut agent: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
         dns: Option<k8s_cri::v1::DnsConfig>,
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
+        interfaces: Vec<vmpod_proto::v1::NetworkInterface>,
     ) -> Result<Sandbox, CriError> {
         let dns = dns.unwrap_or_default();
         agent
@@ -281,6 +397,7 @@ impl Cri {
                 dns_searches: dns.searches,
                 dns_options: dns.options,
                 sysctls: linux.map(|l| l.sysctls).unwrap_or_default(),
+                interfaces,
             })
             .await
             .map_err(CriError::agent("SetupSandbox"))?;
@@ -334,6 +451,8 @@ pub(super) enum Step {
     TearDownShare(std::path::PathBuf),
     /// Kill what runs in a pod's cgroups and remove them.
     RemoveCgroups(String),
+    /// CNI DEL with these bin dirs.
+    CniDel(Vec<std::path::PathBuf>, Box<cni::Attachment>),
 }
 
 /// Undo steps, run in reverse on failure.
@@ -356,6 +475,11 @@ impl Rollback {
                     }
                 }
                 Step::RemoveNetns(path) => host_sandbox::remove_netns(&path),
+                Step::CniDel(bins, att) => {
+                    if let Err(e) = cni::del(&bins, &att).await {
+                        tracing::warn!(error = %super::error_chain(&e), "CNI DEL on rollback");
+                    }
+                }
                 Step::KillVm(vmm, vsock) => {
                     host_sandbox::end_process(vmm, Duration::ZERO).await;
                     host_sandbox::end_process(vsock, Duration::ZERO).await;

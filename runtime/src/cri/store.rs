@@ -89,6 +89,13 @@ pub struct SandboxRecord {
     /// or killed as, the sandbox's.
     #[serde(default)]
     pub pid_starts: BTreeMap<String, u64>,
+    /// The pod's CNI attachment: what DEL needs, even after a restart and
+    /// a change of the config files. None = loopback only (or torn down).
+    #[serde(default)]
+    pub cni: Option<crate::cri::cni::Attachment>,
+    /// VM pods on a CNI network: the tap device in the pod's netns.
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 impl SandboxRecord {
@@ -232,6 +239,12 @@ impl StateDir {
     /// limited to 107 bytes, and a 64-digit ID in the path eats most of it.
     pub fn socket_dir(&self, id: &str) -> PathBuf {
         self.root.join("s").join(id.get(..16).unwrap_or(id))
+    }
+
+    /// Where a pod's network namespace is bind-mounted: outside its
+    /// sandbox dir, whose VM share teardown refuses to run over mounts.
+    pub fn netns_path(&self, id: &str) -> PathBuf {
+        self.root.join("netns").join(id)
     }
 
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {

@@ -47,6 +47,7 @@ pub fn start(
     sockets: &Path,
     handler: &Handler,
     images: &[ResolvedImage],
+    nic: Option<&super::vm_network::GuestNic>,
 ) -> Result<StartedVm, CriError> {
     // The vmpod hypervisor is started by `vmm_sandbox`.
     if handler.hypervisor() != Hypervisor::Qemu {
@@ -136,7 +137,13 @@ pub fn start(
         });
         image_disks.insert(img.id.clone(), serial);
     }
-    let vmm_pid = match host_sandbox::spawn_detached(cfg.command(), None, &dir.join("console.log"))
+    // With a network, QEMU runs in the pod's namespace, where its tap is.
+    cfg.net = nic.map(|n| qemu::QemuNet {
+        tap: n.tap.clone(),
+        mac: n.mac.clone(),
+    });
+    let netns = nic.map(|n| n.netns.as_path());
+    let vmm_pid = match host_sandbox::spawn_detached(cfg.command(), netns, &dir.join("console.log"))
     {
         Ok(pid) => pid,
         Err(e) => {

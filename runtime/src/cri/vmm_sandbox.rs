@@ -516,7 +516,8 @@ impl Cri {
         wait_vmm_ready(&dir, &control, pid, VMM_START).await?;
         tracing::debug!(sandbox = %rec.id, pid, vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, "VMM up");
         let agent = wait_agent(&dir, &rec.agent_addr(), pid, handler.boot_timeout()).await?;
-        self.setup(rec, agent, dns, linux).await
+        // No network card on this hypervisor yet (checked by the caller).
+        self.setup(rec, agent, dns, linux, Vec::new()).await
     }
 
     /// CreateContainer on a `vmpod` VM: attaches `image` to a free block
@@ -912,6 +913,8 @@ mod tests {
             vmm_pid: None,
             vsock_pid: None,
             virtiofsd_pid: None,
+            cni: None,
+            tap: None,
             image_disks: Default::default(),
             pid_starts: Default::default(),
         }

@@ -85,6 +85,18 @@ pub struct QemuConfig {
     pub vhost_user_fs: Option<VhostUserFs>,
     /// virtio-blk disks, in order.
     pub disks: Vec<QemuDisk>,
+    /// A virtio-net NIC on an existing tap device.
+    pub net: Option<QemuNet>,
+}
+
+/// A virtio-net device backed by a tap device that already exists (QEMU
+/// runs in the namespace that holds it and only attaches to it).
+#[derive(Clone, Debug)]
+pub struct QemuNet {
+    /// The tap device's name.
+    pub tap: String,
+    /// The guest NIC's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
 }
 
 /// A virtio-fs share: the guest mounts `tag`; virtiofsd serves it on the
@@ -119,6 +131,7 @@ impl QemuConfig {
             vhost_user_vsock: None,
             vhost_user_fs: None,
             disks: Vec::new(),
+            net: None,
         }
     }
 
@@ -175,6 +188,15 @@ impl QemuConfig {
             cmd.args([
                 "-device",
                 &format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial),
+            ]);
+        }
+        if let Some(net) = &self.net {
+            // script=no: the tap is made and wired by the caller.
+            cmd.args([
+                "-netdev",
+                &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+                "-device",
+                &format!("virtio-net-device,netdev=net0,mac={}", net.mac),
             ]);
         }
         if let Some(socket) = &self.vhost_user_vsock {
@@ -555,6 +577,25 @@ mod tests {
         );
         assert!(
             joined.contains("-device virtio-blk-device,drive=disk0,serial=image0"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn net_is_a_virtio_net_device_on_the_given_tap() {
+        let mut cfg = QemuConfig::new("/k", "/i", Accel::Tcg);
+        assert!(!command_line(&cfg).contains("-netdev"));
+        cfg.net = Some(QemuNet {
+            tap: "tap0".into(),
+            mac: "0a:58:0a:58:00:05".into(),
+        });
+        let joined = command_line(&cfg);
+        assert!(
+            joined.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-device virtio-net-device,netdev=net0,mac=0a:58:0a:58:00:05"),
             "{joined}"
         );
     }

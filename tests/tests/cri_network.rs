@@ -1,0 +1,377 @@
+//! Pod networking through CNI, end to end: a real `vmpod serve` running in
+//! a network namespace of the test's own (so no address ever reaches the
+//! machine's network), a temp CNI conf dir with Debian's bridge +
+//! host-local + loopback plugins, host pods and VM pods (QEMU TCG) on one
+//! bridge talking to each other over TCP. Needs root, the CNI plugins
+//! (containernetworking-plugins), iproute2, QEMU and vhost-device-vsock.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::*;
+use tonic::Code;
+use vmpod_tests::cri::*;
+
+/// The pods' subnet: private, and only inside the test's namespace.
+const SUBNET: &str = "10.213.7";
+
+fn plugin_dir() -> PathBuf {
+    let dir = PathBuf::from("/usr/lib/cni");
+    assert!(
+        dir.join("bridge").is_file() && dir.join("host-local").is_file(),
+        "the CNI plugins are not installed in /usr/lib/cni: \
+         `apt-get install containernetworking-plugins` (scripts/install-deps does)"
+    );
+    dir
+}
+
+/// The bridge network of these tests; host-local keeps its leases in
+/// `<temp>/ipam/podnet/<ip>`.
+fn write_bridge_network(d: &Daemon, extra_plugin: &str) {
+    let conf = format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "podnet",
+  "plugins": [
+    {{
+      "type": "bridge", "bridge": "vmpodbr0", "isGateway": true, "ipMasq": false,
+      "ipam": {{
+        "type": "host-local",
+        "ranges": [[{{"subnet": "{SUBNET}.0/24", "gateway": "{SUBNET}.1"}}]],
+        "routes": [{{"dst": "0.0.0.0/0"}}],
+        "dataDir": "{ipam}"
+      }}
+    }},
+    {{"type": "loopback"}}{extra_plugin}
+  ]
+}}"#,
+        ipam = ipam_dir(d).display()
+    );
+    std::fs::write(d.cni_conf_dir().join("10-podnet.conflist"), conf)
+        .expect("writing the conflist");
+}
+
+fn ipam_dir(d: &Daemon) -> PathBuf {
+    d.dir.path().join("ipam")
+}
+
+/// The addresses host-local has handed out.
+fn leases(d: &Daemon) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(ipam_dir(d).join("podnet"))
+        .map(|e| {
+            e.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(SUBNET))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Links in the daemon's namespace other than loopback and the bridge:
+/// the host ends of pod veths.
+fn pod_links(d: &Daemon) -> Vec<String> {
+    let netns = d.netns().expect("the daemon has its own netns");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", "ip", "-o", "link", "show"])
+        .output()
+        .expect("running ip link");
+    assert!(out.status.success(), "ip link: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_string()))
+        .filter(|n| n != "lo" && n != "vmpodbr0")
+        .collect()
+}
+
+/// No pod network namespace (and so no tap) is left.
+fn assert_no_netns(d: &Daemon) {
+    let left: Vec<_> = std::fs::read_dir(d.state_dir().join("netns"))
+        .map(|e| e.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "network namespaces left: {left:?}");
+}
+
+async fn network_ready(cri: &mut Cri) -> RuntimeCondition {
+    let status = cri
+        .status(StatusRequest { verbose: false })
+        .await
+        .expect("Status")
+        .into_inner()
+        .status
+        .expect("a status");
+    status
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("a NetworkReady condition")
+}
+
+async fn pod_ip(cri: &mut Cri, pod: &str) -> String {
+    let status = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .expect("a status");
+    let net = status.network.expect("network status");
+    assert!(net.additional_ips.is_empty(), "{net:?}");
+    net.ip
+}
+
+async fn run_on(cri: &mut Cri, d: &Daemon, name: &str, handler: &str) -> String {
+    cri.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(pod_config(d, name, &[])),
+        runtime_handler: handler.into(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("RunPodSandbox {name}: {s:?}"))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// A container serving `/index.html` = `hello from NAME` on port 8080.
+async fn serve(cri: &mut Cri, pod: &str, name: &str) -> String {
+    let script = format!(
+        "mkdir -p /www && echo 'hello from {name}' > /www/index.html && exec httpd -f -p 8080 -h /www"
+    );
+    let c = create(
+        cri,
+        pod,
+        container_config(&format!("{name}-web"), &["sh", "-c", &script], &[]),
+    )
+    .await;
+    start(cri, &c).await;
+    c
+}
+
+/// A container to run clients in.
+async fn client(cri: &mut Cri, pod: &str, name: &str) -> String {
+    let c = create(
+        cri,
+        pod,
+        container_config(&format!("{name}-client"), &["sleep", "1000"], &[]),
+    )
+    .await;
+    start(cri, &c).await;
+    c
+}
+
+/// Fetches `http://ip:8080/` from container `from` (retrying while the
+/// server starts, bounded) and asserts the answer names `server`. (No
+/// `wget -T`: Debian's static busybox segfaults with it; ExecSync's
+/// timeout bounds each try.)
+async fn fetch(cri: &mut Cri, from: &str, ip: &str, server: &str) {
+    let url = format!("http://{ip}:8080/");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = exec(cri, from, &["wget", "-q", "-O", "-", &url], 20).await;
+        if let Ok(r) = &r
+            && r.exit_code == 0
+        {
+            let body = String::from_utf8_lossy(&r.stdout);
+            assert_eq!(body.trim(), format!("hello from {server}"), "{url}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer from {url} ({server}) in container {from}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn assert_in_subnet(ip: &str) {
+    assert!(
+        ip.starts_with(&format!("{SUBNET}.")) && ip != format!("{SUBNET}.1"),
+        "{ip} is not a pod address of {SUBNET}.0/24"
+    );
+}
+
+/// NetworkReady follows the conf dir; loopback-only pods without a config;
+/// a pod's IP on the host backend; a broken plugin list rolls back (DEL
+/// releases the address, the veth goes) and fails RunPodSandbox clearly.
+#[tokio::test(flavor = "multi_thread")]
+async fn network_readiness_host_pod_ips_and_rollback() {
+    plugin_dir();
+    let d = Daemon::in_netns(Backend::Host, "");
+    let mut cri = d.client().await;
+    // The harness's loopback network: ready, and ADD/DEL run for it.
+    assert!(network_ready(&mut cri).await.status);
+    // Its 127.0.0.1 is not a pod IP.
+    let on_lo_net = run_pod(&mut cri, pod_config(&d, "on-lo-net", &[])).await;
+    assert_eq!(pod_ip(&mut cri, &on_lo_net).await, "");
+    stop_remove_pod(&mut cri, &on_lo_net).await;
+    std::fs::remove_file(d.cni_conf_dir().join(LOOPBACK_CONFLIST)).unwrap();
+
+    let cond = network_ready(&mut cri).await;
+    assert!(!cond.status, "{cond:?}");
+    assert_eq!(cond.reason, "NetworkPluginNotReady");
+    assert!(
+        cond.message.contains("no network configuration"),
+        "{cond:?}"
+    );
+    // No config at all: pods still run, with loopback only.
+    let lo_only = run_pod(&mut cri, pod_config(&d, "lo-only", &[])).await;
+    assert_eq!(pod_ip(&mut cri, &lo_only).await, "");
+    stop_remove_pod(&mut cri, &lo_only).await;
+
+    write_bridge_network(&d, "");
+    let cond = network_ready(&mut cri).await;
+    assert!(cond.status, "{cond:?}");
+
+    let pod = run_pod(&mut cri, pod_config(&d, "web", &[])).await;
+    let ip = pod_ip(&mut cri, &pod).await;
+    assert_in_subnet(&ip);
+    assert_eq!(leases(&d), std::slice::from_ref(&ip));
+    assert_eq!(pod_links(&d).len(), 1, "one veth: {:?}", pod_links(&d));
+    // The pod sees its address on eth0.
+    let c = client(&mut cri, &pod, "web").await;
+    let r = exec(
+        &mut cri,
+        &c,
+        &["ip", "-o", "-4", "addr", "show", "eth0"],
+        10,
+    )
+    .await
+    .expect("ip addr");
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains(&format!("{ip}/24")),
+        "{r:?}"
+    );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert!(
+        leases(&d).is_empty(),
+        "address not released: {:?}",
+        leases(&d)
+    );
+    assert!(pod_links(&d).is_empty(), "veth left: {:?}", pod_links(&d));
+
+    // A plugin that is not there: not ready, and pods are refused.
+    write_bridge_network(&d, r#", {"type": "no-such-plugin"}"#);
+    let cond = network_ready(&mut cri).await;
+    assert!(
+        !cond.status && cond.message.contains("no-such-plugin"),
+        "{cond:?}"
+    );
+    let refused = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config(&d, "refused", &[])),
+            runtime_handler: String::new(),
+        })
+        .await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+
+    // A plugin that fails ADD after bridge succeeded: the rollback DELs.
+    std::fs::create_dir_all(d.cni_bin_dir()).unwrap();
+    let failing = d.cni_bin_dir().join("fail-add");
+    std::fs::write(
+        &failing,
+        "#!/bin/sh\ncat >/dev/null\n[ \"$CNI_COMMAND\" = DEL ] && exit 0\n\
+         echo '{\"cniVersion\":\"1.0.0\",\"code\":100,\"msg\":\"refusing on purpose\"}'\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_bridge_network(&d, r#", {"type": "fail-add"}"#);
+    assert!(network_ready(&mut cri).await.status);
+    let failed = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config(&d, "rolled-back", &[])),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect_err("ADD fails");
+    assert!(
+        failed.message().contains("refusing on purpose (code 100)"),
+        "{failed:?}"
+    );
+    assert!(leases(&d).is_empty(), "rollback kept {:?}", leases(&d));
+    assert!(
+        pod_links(&d).is_empty(),
+        "rollback kept {:?}",
+        pod_links(&d)
+    );
+    let pods = cri
+        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "{pods:?}");
+    assert_no_netns(&d);
+    assert_no_leaks(&d, &[on_lo_net, lo_only, pod]);
+}
+
+/// Host pods and VM pods on one bridge: host ↔ host, VM → host, host → VM
+/// and VM ↔ VM over TCP; the network survives a daemon kill -9 and the
+/// restarted daemon's StopPodSandbox still DELs (addresses released, veths
+/// and taps gone, nothing leaked).
+#[tokio::test(flavor = "multi_thread")]
+async fn host_and_vm_pods_talk_over_the_bridge_and_survive_a_restart() {
+    plugin_dir();
+    vmpod_tests::require_program("qemu-system-x86_64", "qemu-system-x86");
+    let mut d = Daemon::in_netns(Backend::Host, "");
+    write_bridge_network(&d, "");
+    let mut cri = d.client().await;
+    assert!(network_ready(&mut cri).await.status);
+
+    let host_a = run_on(&mut cri, &d, "host-a", "host").await;
+    let host_b = run_on(&mut cri, &d, "host-b", "host").await;
+    let vm_c = run_on(&mut cri, &d, "vm-c", "vm").await;
+    let vm_d = run_on(&mut cri, &d, "vm-d", "vm").await;
+    let pods = [host_a.clone(), host_b.clone(), vm_c.clone(), vm_d.clone()];
+    let mut ips = Vec::new();
+    for p in &pods {
+        let ip = pod_ip(&mut cri, p).await;
+        assert_in_subnet(&ip);
+        ips.push(ip);
+    }
+    let mut unique = ips.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "{ips:?}");
+    assert_eq!(leases(&d), unique);
+    let (ip_a, ip_c) = (ips[0].clone(), ips[2].clone());
+
+    serve(&mut cri, &host_a, "host-a").await;
+    serve(&mut cri, &vm_c, "vm-c").await;
+    let client_a = client(&mut cri, &host_a, "host-a").await;
+    let client_b = client(&mut cri, &host_b, "host-b").await;
+    let client_c = client(&mut cri, &vm_c, "vm-c").await;
+    let client_d = client(&mut cri, &vm_d, "vm-d").await;
+
+    // The guest NIC carries the pod's address (configured by the agent).
+    let r = exec(&mut cri, &client_c, &["ip", "-o", "-4", "addr"], 20)
+        .await
+        .expect("ip addr in the VM");
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains(&format!("{ip_c}/24")),
+        "{r:?}"
+    );
+
+    fetch(&mut cri, &client_b, &ip_a, "host-a").await; // host → host
+    fetch(&mut cri, &client_c, &ip_a, "host-a").await; // VM → host
+    fetch(&mut cri, &client_a, &ip_c, "vm-c").await; // host → VM
+    fetch(&mut cri, &client_d, &ip_c, "vm-c").await; // VM → VM
+
+    // kill -9: the pods keep their network; the new daemon reports it,
+    // traffic still flows, and its stop still tears it down.
+    d.kill9_and_restart();
+    let mut cri = d.client().await;
+    assert_eq!(pod_ip(&mut cri, &vm_d).await, ips[3]);
+    fetch(&mut cri, &client_d, &ip_a, "host-a").await;
+    for p in &pods {
+        stop_remove_pod(&mut cri, p).await;
+    }
+    assert!(leases(&d).is_empty(), "addresses kept: {:?}", leases(&d));
+    assert!(pod_links(&d).is_empty(), "links kept: {:?}", pod_links(&d));
+    assert_no_netns(&d);
+    assert_no_leaks(&d, &pods);
+}
