@@ -111,3 +111,55 @@ async fn pulled_images_run_in_pods_through_the_cri_socket() {
     assert!(status.image.is_none(), "removed: {status:?}");
     stop_remove_pod(&mut cri, &pod).await;
 }
+
+/// `vmpod run` of an image the daemon does not have pulls it through the
+/// daemon's ImageService, then runs it.
+#[tokio::test(flavor = "multi_thread")]
+async fn vmpod_run_pulls_a_missing_image() {
+    let registry = TestRegistry::start();
+    let layout = tempfile::tempdir().unwrap();
+    write_image(
+        layout.path(),
+        "v2",
+        &[layer(&busybox_layer(), Compression::Gzip)],
+        "",
+    );
+    registry.push_layout(layout.path(), "v2", "test/run", &[]);
+    let host = registry.host();
+    let d = Daemon::start(&format!(
+        "[image.registry]\nrequest_timeout_secs = 10\n\
+         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
+    ));
+    let image = format!("{host}/test/run:v2");
+    let out = tokio::process::Command::new(vmpod_binary())
+        .arg("run")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--log-root")
+        .arg(d.log_root())
+        .arg("--timeout")
+        .arg("60")
+        .arg(&image)
+        .args(["--", "sh", "-c", "echo pulled-and-ran"])
+        .output()
+        .await
+        .expect("running vmpod run");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"pulled-and-ran\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pulling"),
+        "{out:?}"
+    );
+    let listed = image_client(&d)
+        .await
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images;
+    assert!(
+        listed.iter().any(|i| i.repo_tags.contains(&image)),
+        "{listed:?}"
+    );
+    assert_no_leaks(&d, &[]);
+}

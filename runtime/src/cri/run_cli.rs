@@ -1,11 +1,15 @@
 //! `vmpod run IMAGE [-- CMD...]`: the one-command demo, as a CRI client of a
 //! running `vmpod serve`: a pod, one container, its output on our stdout
 //! and stderr, then everything removed. Returns the container's exit code.
+//! An image the daemon does not have is pulled through its ImageService
+//! (with the daemon's registry configuration) when CreateContainer says
+//! NotFound.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::{Channel, Endpoint};
@@ -34,7 +38,7 @@ pub struct RunOptions {
     pub timeout: Duration,
 }
 
-async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>, RunError> {
+async fn connect(socket: &Path) -> Result<Channel, RunError> {
     let path = socket.to_path_buf();
     let channel = Endpoint::from_static("http://vmpod")
         .connect_timeout(Duration::from_secs(5))
@@ -47,12 +51,14 @@ async fn connect(socket: &Path) -> Result<RuntimeServiceClient<Channel>, RunErro
         }))
         .await
         .map_err(|e| RunError::Connect(socket.to_path_buf(), e))?;
-    Ok(RuntimeServiceClient::new(channel))
+    Ok(channel)
 }
 
 /// Runs the container; the pod is removed whatever happens after it ran.
 pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
-    let mut cri = connect(&opts.socket).await?;
+    let channel = connect(&opts.socket).await?;
+    let mut cri = RuntimeServiceClient::new(channel.clone());
+    let mut images = ImageServiceClient::new(channel);
     let name = format!("vmpod-run-{}", std::process::id());
     let log_dir = opts.log_root.join(&name);
     let pod = cri
@@ -74,7 +80,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         .map_err(|s| RunError::Call("RunPodSandbox", s))?
         .into_inner()
         .pod_sandbox_id;
-    let result = run_in_pod(&mut cri, &pod, &opts, &log_dir).await;
+    let result = run_in_pod(&mut cri, &mut images, &pod, &opts, &log_dir).await;
     let _ = cri
         .stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
@@ -91,29 +97,44 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
 
 async fn run_in_pod(
     cri: &mut RuntimeServiceClient<Channel>,
+    images: &mut ImageServiceClient<Channel>,
     pod: &str,
     opts: &RunOptions,
     log_dir: &Path,
 ) -> Result<i32, RunError> {
-    let container = cri
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "main".into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: opts.image.clone(),
-                    ..Default::default()
-                }),
-                command: opts.command.clone(),
-                log_path: "main.log".into(),
-                ..Default::default()
+    let spec = ImageSpec {
+        image: opts.image.clone(),
+        ..Default::default()
+    };
+    let request = || CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: "main".into(),
+                attempt: 0,
             }),
-            sandbox_config: None,
-        })
-        .await
+            image: Some(spec.clone()),
+            command: opts.command.clone(),
+            log_path: "main.log".into(),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    };
+    let created = match cri.create_container(request()).await {
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            eprintln!("vmpod run: pulling {}", opts.image);
+            images
+                .pull_image(PullImageRequest {
+                    image: Some(spec.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| RunError::Call("PullImage", s))?;
+            cri.create_container(request()).await
+        }
+        other => other,
+    };
+    let container = created
         .map_err(|s| RunError::Call("CreateContainer", s))?
         .into_inner()
         .container_id;
