@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -271,12 +272,11 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    /// A connected client.
-    pub async fn client(&self) -> Cri {
+    /// A channel to the daemon's socket with a per-call timeout.
+    async fn channel(&self, timeout: Duration) -> Channel {
         let path = self.socket.clone();
-        let channel = Endpoint::from_static("http://vmpod")
-            // Generous: twenty TCG boots at once on two busy cores take minutes.
-            .timeout(Duration::from_secs(300))
+        Endpoint::from_static("http://vmpod")
+            .timeout(timeout)
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -286,8 +286,18 @@ impl Daemon {
                 }
             }))
             .await
-            .expect("connecting to vmpod serve");
-        RuntimeServiceClient::new(channel)
+            .expect("connecting to vmpod serve")
+    }
+
+    /// A connected RuntimeService client.
+    pub async fn client(&self) -> Cri {
+        // Generous: twenty TCG boots at once on two busy cores take minutes.
+        RuntimeServiceClient::new(self.channel(Duration::from_secs(300)).await)
+    }
+
+    /// A connected ImageService client (pulls get two minutes).
+    pub async fn image_client(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel(Duration::from_secs(120)).await)
     }
 
     /// The pods' log root (the config's log_dir_root).

@@ -2,31 +2,11 @@
 //! crictl and the kubelet use it: pull from a registry, run a pod and a
 //! container from the pulled image, refuse to remove an image in use.
 
-use std::time::Duration;
-
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 use vmpod_tests::cri::*;
 use vmpod_tests::oci_layout::{Compression, busybox_layer, layer, write_image};
 use vmpod_tests::registry::TestRegistry;
-
-async fn image_client(d: &Daemon) -> ImageServiceClient<Channel> {
-    let path = d.socket.clone();
-    let channel = Endpoint::from_static("http://vmpod")
-        .timeout(Duration::from_secs(120))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connecting to vmpod serve");
-    ImageServiceClient::new(channel)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pulled_images_run_in_pods_through_the_cri_socket() {
@@ -44,7 +24,7 @@ async fn pulled_images_run_in_pods_through_the_cri_socket() {
         "[image.registry]\nrequest_timeout_secs = 10\n\
          [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
     ));
-    let mut images = image_client(&d).await;
+    let mut images = d.image_client().await;
     let mut cri = d.client().await;
     let image = format!("{host}/test/busybox:v1");
     let spec = || {
@@ -150,7 +130,8 @@ async fn vmpod_run_pulls_a_missing_image() {
         String::from_utf8_lossy(&out.stderr).contains("pulling"),
         "{out:?}"
     );
-    let listed = image_client(&d)
+    let listed = d
+        .image_client()
         .await
         .list_images(ListImagesRequest::default())
         .await

@@ -8,11 +8,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 use vmpod::cri::shared_fs::virtiofsd_binary;
 use vmpod::hypervisor::qemu::VhostVsock;
 use vmpod_tests::cri::*;
@@ -29,21 +26,6 @@ async fn run_vm_pod(cri: &mut Cri, config: PodSandboxConfig) -> String {
     .unwrap_or_else(|s| panic!("RunPodSandbox on the vm handler: {s:?}"))
     .into_inner()
     .pod_sandbox_id
-}
-
-async fn image_client(d: &Daemon) -> ImageServiceClient<Channel> {
-    let path = d.socket.clone();
-    let channel = Endpoint::from_static("http://vmpod")
-        .timeout(Duration::from_secs(120))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connecting to vmpod serve");
-    ImageServiceClient::new(channel)
 }
 
 fn mount(host: &Path, container: &str, readonly: bool) -> Mount {
@@ -250,7 +232,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
 
     // An image pulled after the boot: no disk for it, its erofs file goes
     // through the share and a loop device in the guest.
-    let mut images = image_client(&d).await;
+    let mut images = d.image_client().await;
     let late = format!("{host}/test/late:late");
     images
         .pull_image(PullImageRequest {
