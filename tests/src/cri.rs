@@ -300,6 +300,34 @@ impl Daemon {
         ImageServiceClient::new(self.channel(Duration::from_secs(120)).await)
     }
 
+    /// `vmpod run IMAGE -- CMD` against this daemon (handler "" = the
+    /// default one), bounded by `timeout_secs`.
+    pub async fn vmpod_run(
+        &self,
+        handler: &str,
+        timeout_secs: u64,
+        image: &str,
+        cmd: &[&str],
+    ) -> std::process::Output {
+        let mut run = tokio::process::Command::new(vmpod_binary());
+        run.arg("run")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--log-root")
+            .arg(self.log_root());
+        if !handler.is_empty() {
+            run.arg("--runtime-handler").arg(handler);
+        }
+        run.arg("--timeout")
+            .arg(timeout_secs.to_string())
+            .arg(image)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .await
+            .expect("running vmpod run")
+    }
+
     /// The pods' log root (the config's log_dir_root).
     pub fn log_root(&self) -> PathBuf {
         self.dir.path().join("logs")

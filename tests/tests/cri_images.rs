@@ -111,19 +111,9 @@ async fn vmpod_run_pulls_a_missing_image() {
          [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
     ));
     let image = format!("{host}/test/run:v2");
-    let out = tokio::process::Command::new(vmpod_binary())
-        .arg("run")
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("--log-root")
-        .arg(d.log_root())
-        .arg("--timeout")
-        .arg("60")
-        .arg(&image)
-        .args(["--", "sh", "-c", "echo pulled-and-ran"])
-        .output()
-        .await
-        .expect("running vmpod run");
+    let out = d
+        .vmpod_run("", 60, &image, &["sh", "-c", "echo pulled-and-ran"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(out.stdout, b"pulled-and-ran\n");
     assert!(

@@ -993,21 +993,14 @@ async fn graceful_shutdown_leaves_pods_running(b: Backend) {
 
 async fn vmpod_run_prints_output_and_exit_code(b: Backend) {
     let d = Daemon::on(b, "");
-    let out = tokio::process::Command::new(vmpod_binary())
-        .arg("run")
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("--log-root")
-        .arg(d.log_root())
-        .arg("--runtime-handler")
-        .arg(b.handler())
-        .arg("--timeout")
-        .arg("120")
-        .arg(BUSYBOX)
-        .args(["--", "sh", "-c", "echo hi; echo err >&2; exit 3"])
-        .output()
-        .await
-        .expect("running vmpod run");
+    let out = d
+        .vmpod_run(
+            b.handler(),
+            120,
+            BUSYBOX,
+            &["sh", "-c", "echo hi; echo err >&2; exit 3"],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(out.stdout, b"hi\n");
     assert!(

@@ -341,21 +341,14 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
 async fn vmpod_run_in_a_vm() {
     require_program("qemu-system-x86_64", "qemu-system-x86");
     let d = Daemon::start("");
-    let out = tokio::process::Command::new(vmpod_binary())
-        .arg("run")
-        .arg("--socket")
-        .arg(&d.socket)
-        .arg("--log-root")
-        .arg(d.log_root())
-        .arg("--runtime-handler")
-        .arg("vm")
-        .arg("--timeout")
-        .arg("120")
-        .arg(BUSYBOX)
-        .args(["--", "sh", "-c", "echo from-the-guest; exit 2"])
-        .output()
-        .await
-        .expect("running vmpod run");
+    let out = d
+        .vmpod_run(
+            "vm",
+            120,
+            BUSYBOX,
+            &["sh", "-c", "echo from-the-guest; exit 2"],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(out.stdout, b"from-the-guest\n");
     assert_no_leaks(&d, &[]);
