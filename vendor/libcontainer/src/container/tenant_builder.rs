@@ -470,6 +470,13 @@ impl TenantContainerBuilder {
             linux_builder = linux_builder.time_offsets(time_offsets.clone());
         }
 
+        // vmpod patch: a process exec'd into the container is confined by
+        // the container's seccomp profile, as runc does; upstream 0.7.0
+        // dropped it here, so exec'd processes ran unconfined.
+        if let Some(seccomp) = spec_linux.seccomp() {
+            linux_builder = linux_builder.seccomp(seccomp.clone());
+        }
+
         let linux = linux_builder.build()?;
         spec.set_process(Some(process)).set_linux(Some(linux));
 
