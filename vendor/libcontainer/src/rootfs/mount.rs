@@ -695,6 +695,26 @@ impl Mount {
                 None,
                 linux::MOVE_MOUNT_T_EMPTY_PATH | linux::MOVE_MOUNT_F_EMPTY_PATH,
             )?;
+
+            // vmpod patch: the bind's propagation options (rprivate,
+            // rslave, rshared, ...), applied after the bind as runc does;
+            // upstream 0.7.0 parsed them and dropped them, so every bind
+            // kept its source's propagation.
+            let propagation = mount_option_config.flags
+                & (MsFlags::MS_SHARED
+                    | MsFlags::MS_SLAVE
+                    | MsFlags::MS_PRIVATE
+                    | MsFlags::MS_UNBINDABLE);
+            if !propagation.is_empty() {
+                let recursive = mount_option_config.flags & MsFlags::MS_REC;
+                let target = rootfs.join(container_dest.strip_prefix("/").unwrap_or(container_dest));
+                self.syscall
+                    .mount(None, &target, None, propagation | recursive, None)
+                    .map_err(|err| {
+                        tracing::error!(?err, ?target, "failed to set the mount's propagation");
+                        err
+                    })?;
+            }
         } else {
             let mount_fn = || -> std::result::Result<(), SyscallError> {
                 // fsopen
