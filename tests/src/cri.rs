@@ -42,7 +42,7 @@ pub fn vmpod_binary() -> PathBuf {
                 .status()
                 .expect("running cargo build -p vmpod");
             assert!(status.success(), "cargo build -p vmpod failed");
-            let bin = workspace_root().join("target/debug/vmpod");
+            let bin = crate::target_dir().join("debug/vmpod");
             assert!(
                 bin.is_file(),
                 "{} is missing after the build",

@@ -15,12 +15,21 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the
+/// workspace when relative), else `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 /// Where `guest-image/build` puts the guest image (`VMPOD_GUEST_DIR`
 /// overrides it).
 pub fn guest_dir() -> PathBuf {
     std::env::var_os("VMPOD_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/guest"))
+        .unwrap_or_else(|| target_dir().join("guest"))
 }
 
 /// A built artefact; panics with instructions when it is missing.
@@ -38,9 +47,7 @@ pub fn artefact(name: &str) -> PathBuf {
 pub fn static_agent() -> PathBuf {
     let path = std::env::var_os("VMPOD_AGENT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            workspace_root().join("target/x86_64-unknown-linux-gnu/release/vmpod-agent")
-        });
+        .unwrap_or_else(|| target_dir().join("x86_64-unknown-linux-gnu/release/vmpod-agent"));
     assert!(
         path.exists(),
         "{} is missing: build it with `guest-image/build` (a static release build of vmpod-agent)",
@@ -73,6 +80,7 @@ pub fn sha256_digest(data: &[u8]) -> String {
 }
 
 pub mod cri;
+pub mod crictl;
 pub mod sandbox;
 
 /// Panics with a clear message unless /dev/kvm exists and can be opened
@@ -471,4 +479,28 @@ pub mod device_scenario {
         // The refused write left the read-only disk alone.
         assert_eq!(std::fs::read(&disk0).unwrap(), data0);
     }
+}
+
+/// Each scenario once per sandbox backend: `host::name` and `vm::name`,
+/// each `async fn name(b: Backend)` in the calling test file.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod host {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name($crate::cri::Backend::Host).await
+                }
+            )*
+        }
+        mod vm {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name($crate::cri::Backend::Vm).await
+                }
+            )*
+        }
+    };
 }

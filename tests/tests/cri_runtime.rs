@@ -13,29 +13,7 @@ use k8s_cri::v1::*;
 use tonic::Code;
 use vmpod_tests::cri::*;
 
-/// Each scenario once per backend: `host::name` and `vm::name`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod host {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(vmpod_tests::cri::Backend::Host).await
-                }
-            )*
-        }
-        mod vm {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(vmpod_tests::cri::Backend::Vm).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+vmpod_tests::on_both_backends!(
     pod_and_container_lifecycle_with_logs_and_exec,
     exit_codes_reasons_oom_and_containers_after_exit,
     filters_and_events,
