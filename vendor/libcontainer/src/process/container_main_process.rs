@@ -211,8 +211,16 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
             &mut init_sender,
         )?;
 
+        // vmpod patch: only a notify profile needs the listener handshake
+        // (and the container's state for it); a tenant (exec) has no state
+        // here, so upstream failed every exec into a seccomp'd container
+        // once tenants kept the profile.
         #[cfg(feature = "libseccomp")]
-        if let Some(seccomp) = linux.seccomp() {
+        if let Some(seccomp) = linux
+            .seccomp()
+            .as_ref()
+            .filter(|s| crate::seccomp::is_notify(s))
+        {
             let container = container_args
                 .container
                 .as_ref()
