@@ -23,8 +23,6 @@ use super::{Container, Cri, CriError, lock, now_ns};
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// One WaitProcess call of the exit watcher; it calls again after this.
 const WAIT_SLICE: Duration = Duration::from_secs(3600);
-/// How long ReopenContainerLog waits for the new file.
-const REOPEN_WAIT: Duration = Duration::from_secs(5);
 /// How long the exit watcher lets the log pump drain after the exit.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
 
@@ -59,6 +57,15 @@ impl Cri {
         } else {
             rec.log_path.clone()
         };
+        // The file exists once StartContainer returns, as with containerd,
+        // even before the container writes anything.
+        if !rec.log_path.is_empty() {
+            super::logs::create_log_file(std::path::Path::new(&rec.log_path))
+                .await
+                .map_err(|e| {
+                    CriError::Internal(format!("creating the log file {}: {e}", rec.log_path))
+                })?;
+        }
         let srec = sandbox.rec();
         let mut cmd = std::process::Command::new(
             std::env::current_exe()
@@ -71,6 +78,14 @@ impl Cri {
             .arg(&rec.id)
             .arg("--log")
             .arg(&log);
+        // SAFETY: the closure only calls pthread_sigmask (async-signal-safe)
+        // on a set on its own stack.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(
+                &mut cmd,
+                super::log_pump::block_sighup_in_child,
+            )
+        };
         let pump = host_sandbox::spawn_detached(
             cmd,
             None,
@@ -174,7 +189,12 @@ impl Cri {
         &self,
         req: StopContainerRequest,
     ) -> Result<StopContainerResponse, CriError> {
-        let container = self.container(&req.container_id)?;
+        // Idempotent, as the CRI asks: a container that is gone is stopped.
+        let container = match self.container(&req.container_id) {
+            Ok(c) => c,
+            Err(CriError::NotFound(_)) => return Ok(StopContainerResponse {}),
+            Err(e) => return Err(e),
+        };
         let rec = container.rec();
         if rec.state != ContainerState::Running {
             return Ok(StopContainerResponse {});
@@ -317,22 +337,16 @@ impl Cri {
             )));
         };
         let path = std::path::PathBuf::from(&rec.log_path);
+        // The kubelet renamed the old file away. Make the new one here, so it
+        // exists when this call returns, then have the pump switch to it.
+        super::logs::create_log_file(&path).await.map_err(|e| {
+            CriError::Internal(format!("creating the log file {}: {e}", path.display()))
+        })?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGHUP,
         )
         .map_err(|e| CriError::Internal(format!("signalling the log pump: {e}")))?;
-        // The kubelet renamed the old file; the pump recreates the path.
-        let deadline = std::time::Instant::now() + REOPEN_WAIT;
-        while !path.exists() {
-            if std::time::Instant::now() >= deadline {
-                return Err(CriError::DeadlineExceeded(format!(
-                    "the log pump did not reopen {} within {REOPEN_WAIT:?}",
-                    path.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         Ok(ReopenContainerLogResponse {})
     }
 

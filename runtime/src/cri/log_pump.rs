@@ -23,6 +23,8 @@ pub enum LogPumpError {
     Stream(LogStream, #[source] tonic::Status),
     #[error("opening the log {0}")]
     Log(PathBuf, #[source] std::io::Error),
+    #[error("watching SIGHUP")]
+    Signal(#[source] std::io::Error),
 }
 
 /// How long the pump tries to reach the agent.
@@ -32,6 +34,16 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Pumps until both streams end.
 pub async fn run(addr: AgentAddr, container_id: String, log: PathBuf) -> Result<(), LogPumpError> {
+    // SIGHUP first: the daemon starts the pump with SIGHUP blocked (see
+    // `block_sighup_in_child`), so a ReopenContainerLog that comes before
+    // this point waits as a pending signal instead of killing the pump.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(LogPumpError::Signal)?;
+    let mut unblock = nix::sys::signal::SigSet::empty();
+    unblock.add(nix::sys::signal::Signal::SIGHUP);
+    unblock
+        .thread_unblock()
+        .map_err(|e| LogPumpError::Signal(e.into()))?;
     let client = agent_client::connect_ready(&addr, CONNECT_TIMEOUT)
         .await
         .map_err(LogPumpError::Agent)?;
@@ -65,10 +77,6 @@ pub async fn run(addr: AgentAddr, container_id: String, log: PathBuf) -> Result<
     }
     let reopen = writer.clone();
     let hup = tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             if let Err(e) = reopen.reopen().await {
                 tracing::warn!(error = %e, "reopening the log");
@@ -84,4 +92,13 @@ pub async fn run(addr: AgentAddr, container_id: String, log: PathBuf) -> Result<
         .await
         .map_err(|e| LogPumpError::Log(log, e))?;
     Ok(())
+}
+
+/// For the pump's `Command::pre_exec`: starts it with SIGHUP blocked (the
+/// mask survives exec), until [`run`] has its handler in place.
+pub fn block_sighup_in_child() -> std::io::Result<()> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGHUP);
+    // pthread_sigmask is async-signal-safe; the set lives on this stack.
+    set.thread_block().map_err(std::io::Error::from)
 }

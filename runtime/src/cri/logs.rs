@@ -120,8 +120,15 @@ async fn open_append(path: &std::path::Path) -> std::io::Result<tokio::fs::File>
     tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o640)
         .open(path)
         .await
+}
+
+/// Creates a container's log file (and its directory) if it is missing,
+/// as containerd does before the container starts; never truncates.
+pub async fn create_log_file(path: &std::path::Path) -> std::io::Result<()> {
+    open_append(path).await.map(drop)
 }
 
 /// Splits a stream into CRI records.
