@@ -9,6 +9,7 @@
 //!                                        PID 1 of the pod's PID namespace,
 //!                                        or in the node's for hostPID pods)
 //!   vmpod-agent __libcontainer ...       internal: see container::helper
+//!   vmpod-agent __stage-mount ...        internal: see container::stage
 
 mod container;
 mod init;
@@ -101,6 +102,8 @@ fn parse_args(mode: Mode, args: impl IntoIterator<Item = String>) -> Result<Args
 fn isolate_host_agent(host_ipc: bool) -> Result<(), String> {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
+    container::stage::remember_node_namespace()
+        .map_err(|e| format!("opening the node's mount namespace: {e}"))?;
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
     if !host_ipc {
         flags |= CloneFlags::CLONE_NEWIPC;
@@ -138,6 +141,9 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some(container::helper::HELPER_ARG) {
         return container::helper::main(&argv[2..]);
+    }
+    if argv.get(1).map(String::as_str) == Some(container::stage::STAGE_ARG) {
+        return container::stage::main(&argv[2..]);
     }
     // The kernel runs /init without --listen; the daemon's host agent may
     // be PID 1 too (of the pod's PID namespace), but always has --listen.

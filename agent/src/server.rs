@@ -201,6 +201,17 @@ impl Agent for AgentService {
         ))
     }
 
+    async fn release_process(
+        &self,
+        req: Request<ReleaseProcessRequest>,
+    ) -> Result<Response<ReleaseProcessResponse>, Status> {
+        let req = req.into_inner();
+        self.manager
+            .release(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Response::new(ReleaseProcessResponse {}))
+    }
+
     async fn update_container(
         &self,
         req: Request<UpdateContainerRequest>,

@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod helper;
 pub mod rootfs;
 pub mod spec;
+pub mod stage;
 pub mod user;
 
 use std::collections::HashMap;
@@ -40,6 +41,11 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest container or exec ID accepted.
 const MAX_ID: usize = 128;
+/// Exec'd processes a container may hold at once. Past it, finished ones
+/// are forgotten (a caller that never released them gets NotFound later);
+/// if all are running, ExecProcess is RESOURCE_EXHAUSTED. An exec probe
+/// every 10 s for weeks never grows the agent.
+const MAX_EXECS: usize = 256;
 
 /// What went wrong, by the kind the caller sees.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +59,8 @@ pub enum ContainerError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -63,6 +71,7 @@ impl From<ContainerError> for tonic::Status {
             ContainerError::AlreadyExists(m) => tonic::Status::already_exists(m),
             ContainerError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             ContainerError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            ContainerError::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
             ContainerError::Internal(m) => tonic::Status::internal(m),
         }
     }
@@ -504,9 +513,23 @@ impl Manager {
         };
         let cleanup = |mounted: &rootfs::Mounted| {
             mounted.unmount();
-            let _ = std::fs::remove_dir_all(&dir);
+            if stage::unstage_all(&dir) {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         };
         let result = async {
+            // Host agents bind what the node has now (see stage.rs).
+            if stage::enabled() {
+                let staging = stage::staging_dir(&dir);
+                std::fs::create_dir(&staging).map_err(|e| internal("the staging dir", &e))?;
+                for (i, m) in req.mounts.iter_mut().enumerate() {
+                    if m.r#type == "bind" || m.r#type.is_empty() {
+                        let target = staging.join(i.to_string());
+                        stage::stage(&self.table, &m.source, &target).await?;
+                        m.source = target.display().to_string();
+                    }
+                }
+            }
             let user = process.user.clone().unwrap_or_default();
             let identity = user::resolve(
                 &mounted.rootfs,
@@ -626,6 +649,7 @@ impl Manager {
                 "process {exec_id:?} already exists in {id:?}"
             )));
         }
+        self.prune_finished_execs(&c)?;
         let config: serde_json::Value = std::fs::read(c.dir.join("bundle/config.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -693,6 +717,67 @@ impl Manager {
         Ok(pid)
     }
 
+    /// When a container holds MAX_EXECS exec'd processes, forgets the
+    /// finished ones; ResourceExhausted if none has finished.
+    fn prune_finished_execs(&self, c: &Container) -> Result<(), ContainerError> {
+        let finished: Vec<(String, Arc<Proc>)> = {
+            let mut procs = c.processes.lock().unwrap_or_else(|p| p.into_inner());
+            if procs.len() <= MAX_EXECS {
+                return Ok(());
+            }
+            let ids: Vec<String> = procs
+                .iter()
+                .filter(|(k, p)| !k.is_empty() && p.exited().is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|k| procs.remove(&k).map(|p| (k, p)))
+                .collect()
+        };
+        if finished.is_empty() {
+            return Err(ContainerError::ResourceExhausted(format!(
+                "{MAX_EXECS} processes are running in the container already"
+            )));
+        }
+        for (exec_id, p) in finished {
+            self.table.forget(p.pid);
+            let _ = std::fs::remove_dir_all(c.dir.join("exec").join(exec_id));
+        }
+        Ok(())
+    }
+
+    /// ReleaseProcess: forgets an exec'd process, killing it if it runs.
+    pub async fn release(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        if exec_id.is_empty() {
+            return Err(ContainerError::InvalidArgument(
+                "the container's own process is released by RemoveContainer".into(),
+            ));
+        }
+        validate_id("exec ID", exec_id)?;
+        let c = self.get(id)?;
+        let p = c
+            .processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(exec_id)
+            .ok_or_else(|| {
+                ContainerError::NotFound(format!("process {exec_id:?} not found in {id:?}"))
+            })?;
+        if p.exited().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::SIGKILL,
+            );
+            let _ = tokio::time::timeout(KILL_TIMEOUT, process::wait(p.exit.clone())).await;
+        }
+        self.table.forget(p.pid);
+        let dir = c.dir.join("exec").join(exec_id);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await
+            .ok();
+        Ok(())
+    }
+
     /// RemoveContainer: kills whatever runs, then frees everything.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let c = self.get(id)?;
@@ -723,7 +808,9 @@ impl Manager {
         }
         self.delete_libcontainer(id);
         c.mounted.unmount();
-        let _ = std::fs::remove_dir_all(&c.dir);
+        if stage::unstage_all(&c.dir) {
+            let _ = std::fs::remove_dir_all(&c.dir);
+        }
         self.containers
             .lock()
             .unwrap_or_else(|p| p.into_inner())

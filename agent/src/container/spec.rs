@@ -393,6 +393,59 @@ fn user_mount(m: &Mount) -> Result<Value, SpecError> {
     }
 }
 
+/// At most this many devices go into a privileged container's spec.
+const MAX_DEVICES: usize = 4096;
+
+/// The character and block devices under `dev` as OCI `linux.devices`
+/// entries (runc's HostDevices): not the per-container mounts (pts, shm,
+/// mqueue), nor console and ptmx, which libcontainer sets up itself.
+pub fn visible_devices(dev: &Path) -> Vec<Value> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    const SKIP: &[&str] = &["pts", "shm", "fd", "mqueue", "hugepages", "console", "ptmx"];
+    let mut out = Vec::new();
+    let mut stack = vec![(dev.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if depth == 0 && SKIP.iter().any(|s| name == *s) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let kind = meta.file_type();
+            let typ = if kind.is_char_device() {
+                "c"
+            } else if kind.is_block_device() {
+                "b"
+            } else {
+                if kind.is_dir() && depth < 3 {
+                    stack.push((path, depth + 1));
+                }
+                continue;
+            };
+            if out.len() >= MAX_DEVICES {
+                return out;
+            }
+            let rdev = meta.rdev();
+            out.push(json!({
+                "path": path,
+                "type": typ,
+                "major": nix::sys::stat::major(rdev),
+                "minor": nix::sys::stat::minor(rdev),
+                "fileMode": meta.mode() & 0o7777,
+                "uid": meta.uid(),
+                "gid": meta.gid(),
+            }));
+        }
+    }
+    out
+}
+
 /// cgroup v2 values from CRI resources (the kubelet speaks CPU shares).
 pub fn resources(r: &Resources) -> Value {
     let mut out = serde_json::Map::new();
@@ -480,6 +533,24 @@ pub fn build(
         "resources": resources(&req.resources.unwrap_or_default()),
         "sysctl": req.sysctls,
     });
+    // Mount propagation as runc: a Bidirectional (rshared) mount needs a
+    // shared root, HostToContainer (rslave) a slave one (libcontainer's
+    // default); pivot_root still works, libcontainer makes the rootfs's
+    // parent private.
+    let wants = |o: &str| req.mounts.iter().any(|m| m.options.iter().any(|x| x == o));
+    if wants("rshared") {
+        linux["rootfsPropagation"] = json!("shared");
+    } else if wants("rslave") {
+        linux["rootfsPropagation"] = json!("slave");
+    }
+    if sec.privileged {
+        // As runc/containerd: every device the agent sees, usable. In a VM
+        // these are the guest's devices (the VM stays the boundary); a
+        // privileged host pod (allowed only by the node's policy) gets the
+        // node's, as with containerd.
+        linux["devices"] = json!(visible_devices(Path::new("/dev")));
+        linux["resources"]["devices"] = json!([{ "allow": true, "access": "rwm" }]);
+    }
     if !sec.privileged {
         let masked: Vec<&str> = if sec.masked_paths.is_empty() {
             DEFAULT_MASKED_PATHS.to_vec()
@@ -615,6 +686,26 @@ mod tests {
     }
 
     #[test]
+    fn visible_devices_are_the_device_nodes_under_dev() {
+        let devices = visible_devices(Path::new("/dev"));
+        let null = devices
+            .iter()
+            .find(|d| d["path"] == "/dev/null")
+            .expect("/dev/null is listed");
+        assert_eq!(
+            (&null["type"], &null["major"], &null["minor"]),
+            (&json!("c"), &json!(1), &json!(3))
+        );
+        assert!(
+            devices.iter().all(|d| {
+                let p = d["path"].as_str().unwrap_or("");
+                !p.starts_with("/dev/pts/") && p != "/dev/ptmx" && p != "/dev/console"
+            }),
+            "{devices:?}"
+        );
+    }
+
+    #[test]
     fn privileged_gets_every_capability_and_no_masks_or_seccomp() {
         let mut req = request();
         req.security = Some(Security {
@@ -632,6 +723,17 @@ mod tests {
         );
         assert!(spec["linux"].get("maskedPaths").is_none());
         assert!(spec["linux"].get("seccomp").is_none());
+        assert!(
+            spec["linux"]["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["path"] == "/dev/null")
+        );
+        assert_eq!(
+            spec["linux"]["resources"]["devices"],
+            json!([{ "allow": true, "access": "rwm" }])
+        );
 
         // Without CAP_SYS_RESOURCE (24) in the agent's bounding set.
         let mut limited = ctx();
