@@ -11,8 +11,9 @@ use vmpod_proto::v1 as agent;
 use super::store::ContainerState;
 use super::{Cri, CriError, new_id};
 
-/// Per-stream output cap (the kubelet's own limit for ExecSync replies).
-pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
+/// Cap on stdout and stderr together: the reply must fit the kubelet's
+/// 16 MiB gRPC message limit, with room for the rest of the message.
+pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024 - 64 * 1024;
 /// The bound for an ExecSync without a timeout: every wait has one.
 const NO_TIMEOUT_BOUND: Duration = Duration::from_secs(3600);
 
@@ -55,11 +56,20 @@ impl Cri {
             })
             .await
             .map_err(CriError::agent("ExecProcess"))?;
+        // However this call ends (done, timed out, or dropped at the
+        // client's deadline), the agent forgets the process afterwards.
+        let _release = Release {
+            client: client.clone(),
+            container_id: rec.id.clone(),
+            exec_id: exec_id.clone(),
+        };
         let timeout = match u64::try_from(req.timeout) {
             Ok(s) if s > 0 => Duration::from_secs(s),
             _ => NO_TIMEOUT_BOUND,
         };
+        let budget = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(MAX_EXEC_OUTPUT));
         let read = |which: agent::read_output_request::Stream| {
+            let budget = budget.clone();
             let mut client = client.clone();
             let mut r = tonic::Request::new(agent::ReadOutputRequest {
                 container_id: rec.id.clone(),
@@ -68,18 +78,30 @@ impl Cri {
             });
             r.set_timeout(timeout + Duration::from_secs(5));
             async move {
+                use std::sync::atomic::Ordering;
                 let mut out = Vec::new();
-                let Ok(stream) = client.read_output(r).await else {
-                    return out;
-                };
-                let mut stream = stream.into_inner();
-                while let Ok(Some(chunk)) = stream.message().await {
+                let mut dropped = 0usize;
+                let mut stream = client.read_output(r).await?.into_inner();
+                while let Some(chunk) = stream.message().await? {
                     // Keep reading past the cap, so the process never
                     // blocks on a full pipe; drop what does not fit.
-                    let room = MAX_EXEC_OUTPUT.saturating_sub(out.len());
-                    out.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
+                    let want = chunk.data.len();
+                    let took = budget
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                            Some(left - left.min(want))
+                        })
+                        .map_or(0, |left| left.min(want));
+                    out.extend_from_slice(&chunk.data[..took]);
+                    dropped += want - took;
                 }
-                out
+                if dropped > 0 {
+                    tracing::warn!(
+                        ?which,
+                        dropped,
+                        "ExecSync output beyond {MAX_EXEC_OUTPUT} bytes (stdout and stderr together) dropped"
+                    );
+                }
+                Ok::<_, tonic::Status>(out)
             }
         };
         let mut wait_req = tonic::Request::new(agent::WaitProcessRequest {
@@ -124,8 +146,9 @@ impl Cri {
         );
         match exit.map_err(CriError::agent("WaitProcess"))? {
             Some(exit) => Ok(ExecSyncResponse {
-                stdout,
-                stderr,
+                // A lost stream is an error, never silently empty output.
+                stdout: stdout.map_err(CriError::agent("ReadOutput (stdout)"))?,
+                stderr: stderr.map_err(CriError::agent("ReadOutput (stderr)"))?,
                 exit_code: exit.exit_code,
             }),
             None => Err(CriError::DeadlineExceeded(format!(
@@ -133,5 +156,34 @@ impl Cri {
                 req.cmd
             ))),
         }
+    }
+}
+
+/// Releases an exec'd process in the agent when dropped, in a task of its
+/// own, so a cancelled ExecSync still frees it.
+struct Release {
+    client: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    container_id: String,
+    exec_id: String,
+}
+
+/// How long releasing an exec may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut client = self.client.clone();
+        let mut req = tonic::Request::new(agent::ReleaseProcessRequest {
+            container_id: std::mem::take(&mut self.container_id),
+            exec_id: std::mem::take(&mut self.exec_id),
+        });
+        req.set_timeout(RELEASE_TIMEOUT);
+        tokio::spawn(async move {
+            if let Err(status) = client.release_process(req).await
+                && status.code() != tonic::Code::NotFound
+            {
+                tracing::warn!(%status, "releasing an exec'd process");
+            }
+        });
     }
 }
