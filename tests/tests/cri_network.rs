@@ -375,3 +375,86 @@ async fn host_and_vm_pods_talk_over_the_bridge_and_survive_a_restart() {
     assert_no_netns(&d);
     assert_no_leaks(&d, &pods);
 }
+
+/// hostPort: a pod's port mappings reach CNI's portmap plugin as the
+/// `portMappings` runtime config (as containerd passes them), so the pod is
+/// reachable on the node's address and host port, on host pods and VM pods
+/// alike; StopPodSandbox's DEL takes the node's NAT rules away again.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_ports_reach_host_and_vm_pods_through_portmap() {
+    plugin_dir();
+    vmpod_tests::require_program("qemu-system-x86_64", "qemu-system-x86");
+    vmpod_tests::require_program("iptables", "iptables");
+    vmpod_tests::require_program("busybox", "busybox-static");
+    let d = Daemon::in_netns(Backend::Host, "");
+    write_bridge_network(
+        &d,
+        r#", {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}"#,
+    );
+    let mut cri = d.client().await;
+    let mut pods = Vec::new();
+    for (name, handler, host_port) in [("hp-host", "host", 18081), ("hp-vm", "vm", 18082)] {
+        let mut config = pod_config(&d, name, &[]);
+        config.port_mappings = vec![PortMapping {
+            protocol: Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port,
+            host_ip: String::new(),
+        }];
+        let pod = cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: handler.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("RunPodSandbox {name}: {s:?}"))
+            .into_inner()
+            .pod_sandbox_id;
+        serve(&mut cri, &pod, name).await;
+        // From the node: its own address on the pod network, the host port.
+        let url = format!("http://{SUBNET}.1:{host_port}/");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = node_command(&d, &["busybox", "wget", "-q", "-O", "-", &url]);
+            if out.status.success() {
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    format!("hello from {name}")
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url} never answered: {out:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        pods.push(pod);
+    }
+    assert!(nat_rules(&d).contains("18081"), "{}", nat_rules(&d));
+    for p in &pods {
+        stop_remove_pod(&mut cri, p).await;
+    }
+    let rules = nat_rules(&d);
+    assert!(
+        !rules.contains("18081") && !rules.contains("18082"),
+        "port mappings left in the node's NAT table: {rules}"
+    );
+    assert!(leases(&d).is_empty(), "addresses kept: {:?}", leases(&d));
+    assert_no_leaks(&d, &pods);
+}
+
+/// Runs a command in the daemon's (the node's) network namespace.
+fn node_command(d: &Daemon, cmd: &[&str]) -> std::process::Output {
+    let netns = d.netns().expect("the daemon has its own netns");
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(cmd)
+        .output()
+        .expect("running nsenter")
+}
+
+/// The node's NAT table, as iptables prints it.
+fn nat_rules(d: &Daemon) -> String {
+    let out = node_command(d, &["iptables", "-t", "nat", "-S"]);
+    assert!(out.status.success(), "iptables -t nat -S: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -50,6 +50,8 @@ pub enum CniError {
     },
     #[error("invalid network configuration {path}: {what}")]
     InvalidConfig { path: PathBuf, what: String },
+    #[error("port {0} of a port mapping is not in 1..=65535")]
+    BadPortMapping(i32),
     #[error("CNI plugin {0:?} not found in the bin dirs")]
     PluginNotFound(String),
     #[error("running CNI plugin {plugin} ({command})")]
@@ -146,11 +148,32 @@ impl NetworkList {
 
     /// Plugin `i`'s stdin: its object plus the list's name and version and,
     /// when there is one, the previous result.
-    fn plugin_config(&self, i: usize, prev: Option<&Value>) -> Result<Vec<u8>, CniError> {
+    /// Plugin `i`'s stdin: its config with the list's name and version, the
+    /// previous result, and the runtime config of the capabilities it
+    /// declares (CNI conventions; containerd sets `portMappings`).
+    fn plugin_config(
+        &self,
+        i: usize,
+        prev: Option<&Value>,
+        pod: &PodRef,
+    ) -> Result<Vec<u8>, CniError> {
         let mut conf = self.plugins.get(i).cloned().unwrap_or(Value::Null);
         if let Some(obj) = conf.as_object_mut() {
             obj.insert("name".into(), Value::String(self.name.clone()));
             obj.insert("cniVersion".into(), Value::String(self.cni_version.clone()));
+            let wants_ports = obj
+                .get("capabilities")
+                .and_then(|c| c.get("portMappings"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if wants_ports && !pod.port_mappings.is_empty() {
+                let runtime = obj
+                    .entry("runtimeConfig")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Some(runtime) = runtime.as_object_mut() {
+                    runtime.insert("portMappings".into(), serde_json::json!(pod.port_mappings));
+                }
+            }
             match prev {
                 Some(p) => {
                     obj.insert("prevResult".into(), p.clone());
@@ -338,6 +361,53 @@ pub struct PodRef {
     pub uid: String,
     /// The pod's network namespace path.
     pub netns: PathBuf,
+    /// hostPort mappings: the `portMappings` runtime config of plugins
+    /// that declare that capability (portmap).
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// One hostPort mapping in the shape of CNI's `portMappings` capability.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    /// "tcp", "udp" or "sctp".
+    pub protocol: String,
+    #[serde(rename = "hostIP", default, skip_serializing_if = "String::is_empty")]
+    pub host_ip: String,
+}
+
+impl PortMapping {
+    /// The CRI's mappings that CNI gets: those with a host port (as
+    /// containerd); a port out of range is InvalidArgument.
+    pub fn from_cri(ports: &[k8s_cri::v1::PortMapping]) -> Result<Vec<PortMapping>, CniError> {
+        use k8s_cri::v1::Protocol;
+        ports
+            .iter()
+            .filter(|p| p.host_port > 0)
+            .map(|p| {
+                let port = |v: i32| {
+                    u16::try_from(v)
+                        .ok()
+                        .filter(|&v| v > 0)
+                        .ok_or(CniError::BadPortMapping(v))
+                };
+                Ok(PortMapping {
+                    host_port: port(p.host_port)?,
+                    container_port: port(p.container_port)?,
+                    protocol: match Protocol::try_from(p.protocol) {
+                        Ok(Protocol::Udp) => "udp",
+                        Ok(Protocol::Sctp) => "sctp",
+                        _ => "tcp",
+                    }
+                    .into(),
+                    host_ip: p.host_ip.clone(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// What a pod's network needs to be torn down later; persisted in the
@@ -384,7 +454,7 @@ pub async fn add(
 ) -> Result<Attachment, CniError> {
     let mut prev: Option<Value> = None;
     for i in 0..network.plugins.len() {
-        let stdin = network.plugin_config(i, prev.as_ref())?;
+        let stdin = network.plugin_config(i, prev.as_ref(), pod)?;
         let kind = network.plugin_type(i);
         let out = exec_plugin(bin_dirs, &kind, "ADD", pod, &stdin).await?;
         let result: Value = serde_json::from_slice(&out).map_err(|e| CniError::BadResult {
@@ -417,7 +487,7 @@ pub async fn del(bin_dirs: &[PathBuf], att: &Attachment) -> Result<(), CniError>
     let mut first = None;
     for i in (0..att.network.plugins.len()).rev() {
         let kind = att.network.plugin_type(i);
-        let r = match att.network.plugin_config(i, prev) {
+        let r = match att.network.plugin_config(i, prev, &att.pod) {
             Ok(stdin) => exec_plugin(bin_dirs, &kind, "DEL", &att.pod, &stdin)
                 .await
                 .map(drop),
@@ -723,7 +793,52 @@ mod tests {
             name: "web".into(),
             uid: "u-1".into(),
             netns: "/run/ns/abc".into(),
+            port_mappings: Vec::new(),
         }
+    }
+
+    #[test]
+    fn port_mappings_reach_plugins_that_declare_the_capability() {
+        let net = NetworkList::parse(
+            Path::new("/x.conflist"),
+            r#"{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
+                {"type": "bridge"},
+                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+            ]}"#,
+        )
+        .unwrap();
+        let cri = [
+            k8s_cri::v1::PortMapping {
+                protocol: k8s_cri::v1::Protocol::Udp as i32,
+                container_port: 53,
+                host_port: 5353,
+                host_ip: "127.0.0.1".into(),
+            },
+            // No host port: not for CNI (as containerd).
+            k8s_cri::v1::PortMapping {
+                container_port: 80,
+                ..Default::default()
+            },
+        ];
+        let mut p = pod();
+        p.port_mappings = PortMapping::from_cri(&cri).unwrap();
+        let conf = |i| -> Value {
+            serde_json::from_slice(&net.plugin_config(i, None, &p).unwrap()).unwrap()
+        };
+        assert!(conf(0).get("runtimeConfig").is_none());
+        assert_eq!(
+            conf(1)["runtimeConfig"]["portMappings"],
+            serde_json::json!([{"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "127.0.0.1"}])
+        );
+        let bad = k8s_cri::v1::PortMapping {
+            host_port: 70000,
+            container_port: 80,
+            ..Default::default()
+        };
+        assert!(matches!(
+            PortMapping::from_cri(&[bad]),
+            Err(CniError::BadPortMapping(70000))
+        ));
     }
 
     #[test]
@@ -754,14 +869,15 @@ mod tests {
     #[test]
     fn plugin_stdin_carries_name_version_and_prev_result() {
         let net = NetworkList::parse(Path::new("/x.conflist"), BRIDGE).unwrap();
-        let first: Value = serde_json::from_slice(&net.plugin_config(0, None).unwrap()).unwrap();
+        let first: Value =
+            serde_json::from_slice(&net.plugin_config(0, None, &pod()).unwrap()).unwrap();
         assert_eq!(first["name"], "podnet");
         assert_eq!(first["cniVersion"], "1.0.0");
         assert_eq!(first["bridge"], "cni0");
         assert!(first.get("prevResult").is_none());
         let prev: Value = serde_json::from_str(RESULT).unwrap();
         let second: Value =
-            serde_json::from_slice(&net.plugin_config(1, Some(&prev)).unwrap()).unwrap();
+            serde_json::from_slice(&net.plugin_config(1, Some(&prev), &pod()).unwrap()).unwrap();
         assert_eq!(second["type"], "loopback");
         assert_eq!(second["prevResult"]["ips"][0]["address"], "10.88.0.5/24");
     }

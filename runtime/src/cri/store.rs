@@ -96,6 +96,9 @@ pub struct SandboxRecord {
     /// VM pods on a CNI network: the tap device in the pod's netns.
     #[serde(default)]
     pub tap: Option<String>,
+    /// The pod's hostPort mappings, for CNI's `portMappings` capability.
+    #[serde(default)]
+    pub port_mappings: Vec<crate::cri::cni::PortMapping>,
 }
 
 impl SandboxRecord {
@@ -164,11 +167,15 @@ pub enum ContainerState {
 }
 
 /// A mount as the kubelet asked for it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountRecord {
     pub container_path: String,
     pub host_path: String,
     pub readonly: bool,
+    /// The CRI MountPropagation value (0 private, 1 host-to-container,
+    /// 2 bidirectional).
+    #[serde(default)]
+    pub propagation: i32,
 }
 
 /// Everything the daemon knows about a container.

@@ -915,6 +915,7 @@ mod tests {
             virtiofsd_pid: None,
             cni: None,
             tap: None,
+            port_mappings: Vec::new(),
             image_disks: Default::default(),
             pid_starts: Default::default(),
         }
