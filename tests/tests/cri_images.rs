@@ -134,3 +134,71 @@ async fn vmpod_run_pulls_a_missing_image() {
     );
     assert_no_leaks(&d, &[]);
 }
+
+/// Images pulled by digest, through stock crictl: `repo@sha256:…` is
+/// listed with that repo digest and no tag, resolves in ImageStatus by
+/// digest and by ID alike (critest's "all kinds of references"), and
+/// `crictl rmi` by the digest removes it. A `repo:tag@sha256:…` reference
+/// pulls the digest; as containerd, the tag is dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_pulled_by_digest_through_crictl() {
+    use vmpod_tests::crictl::Crictl;
+    let registry = TestRegistry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let built = write_image(
+        layout.path(),
+        "v1",
+        &[layer(&busybox_layer(), Compression::Gzip)],
+        "",
+    );
+    registry.push_layout(layout.path(), "v1", "test/pinned", &[]);
+    let host = registry.host();
+    let d = Daemon::start(&format!(
+        "[image.registry]\nrequest_timeout_secs = 10\n\
+         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
+    ));
+    let crictl = Crictl::new(&d);
+    let mut images = d.image_client().await;
+    let status = |reference: String| {
+        let mut images = images.clone();
+        async move {
+            images
+                .image_status(ImageStatusRequest {
+                    image: Some(ImageSpec {
+                        image: reference,
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+                .expect("ImageStatus")
+                .into_inner()
+                .image
+        }
+    };
+    let by_digest = format!("{host}/test/pinned@{}", built.manifest);
+    let with_tag = format!("{host}/test/pinned:v1@{}", built.manifest);
+    for reference in [&by_digest, &with_tag] {
+        crictl.ok(&["pull", reference]).await;
+        let listed = crictl.ok(&["images", "--digests", "--no-trunc"]).await;
+        assert!(
+            listed.contains(built.manifest.trim_start_matches("sha256:")),
+            "{listed}"
+        );
+        let image = status(reference.clone()).await.expect("pulled");
+        assert!(image.repo_tags.is_empty(), "{image:?}");
+        assert_eq!(image.repo_digests, vec![by_digest.clone()]);
+        assert_eq!(image.id, built.config);
+        for other in [by_digest.clone(), image.id.clone()] {
+            assert_eq!(status(other).await.as_ref(), Some(&image));
+        }
+        crictl.ok(&["rmi", reference]).await;
+        assert_eq!(status(reference.clone()).await, None, "{reference} removed");
+    }
+    let left = images
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner();
+    assert!(left.images.iter().all(|i| i.id != built.config), "{left:?}");
+}

@@ -269,7 +269,12 @@ impl ImageManager {
         }
         progress(PullEvent::Unpacking);
         self.commit(Commit {
-            repo_tags: reference.repo_tag().into_iter().collect(),
+            // A pinned digest names the image; as containerd (whose
+            // reference parser drops the tag of `name:tag@digest`), no tag.
+            repo_tags: match reference.digest() {
+                Some(_) => Vec::new(),
+                None => reference.repo_tag().into_iter().collect(),
+            },
             repo_digests: vec![reference.repo_digest(&remote.repo_digest)],
             manifest_digest: remote.manifest_digest.clone(),
             config_digest: remote.config_digest.clone(),
