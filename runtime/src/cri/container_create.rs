@@ -58,7 +58,7 @@ impl Cri {
         }
         let image = self.images.resolve(&image_ref)?;
         let log_path = self.log_path(&srec.log_directory, &config.log_path)?;
-        let mounts = mounts(&config)?;
+        let mounts = mounts(&config, srec.is_vm())?;
         // The vmpod VMM hot-plugs the image's disk now if the pod lacks it.
         let srec = self.ensure_image_disk(&sandbox, &image).await?;
         let security = config
@@ -66,7 +66,9 @@ impl Cri {
             .as_ref()
             .and_then(|l| l.security_context.clone())
             .unwrap_or_default();
-        if security.privileged && !self.config.host.allow_privileged {
+        // Privileged inside a VM is privileged inside the guest only; host
+        // pods need the policy (see RunPodSandbox).
+        if security.privileged && !srec.is_vm() && !self.config.host.allow_privileged {
             return Err(CriError::FailedPrecondition(
                 "the container asks for privileged mode, which the config does not allow".into(),
             ));
@@ -147,7 +149,15 @@ impl Cri {
                         destination: m.container_path.clone(),
                         source: source.clone(),
                         r#type: "bind".into(),
-                        options: vec![if m.readonly { "ro" } else { "rw" }.into()],
+                        options: vec![
+                            if m.readonly { "ro" } else { "rw" }.into(),
+                            match m.propagation {
+                                1 => "rslave",
+                                2 => "rshared",
+                                _ => "rprivate",
+                            }
+                            .into(),
+                        ],
                     })
                     .collect(),
                 resources,
@@ -231,11 +241,27 @@ impl Cri {
     }
 }
 
-fn mounts(config: &ContainerConfig) -> Result<Vec<MountRecord>, CriError> {
+/// The request's mounts, checked. Propagation is runc's: HostToContainer
+/// (rslave) needs a source on a shared or slave mount, Bidirectional
+/// (rshared) a shared one (as containerd checks). VM pods get only private
+/// mounts: their share clones each source privately into the guest, so no
+/// mount event crosses the VM boundary either way.
+fn mounts(config: &ContainerConfig, vm: bool) -> Result<Vec<MountRecord>, CriError> {
+    use super::shared_fs::{Propagation, propagation_of};
+    use k8s_cri::v1::MountPropagation;
     config
         .mounts
         .iter()
         .map(|m| {
+            if m.recursive_read_only {
+                return Err(CriError::InvalidArgument(format!(
+                    "mount {:?}: recursive read-only mounts are not supported (the runtime \
+                     handler does not report the feature)",
+                    m.container_path
+                )));
+            }
+            let propagation = MountPropagation::try_from(m.propagation)
+                .unwrap_or(MountPropagation::PropagationPrivate);
             let abs = |p: &str| Path::new(p).is_absolute() && !p.split('/').any(|c| c == "..");
             if !abs(&m.container_path) || !abs(&m.host_path) {
                 return Err(CriError::InvalidArgument(format!(
@@ -249,10 +275,43 @@ fn mounts(config: &ContainerConfig) -> Result<Vec<MountRecord>, CriError> {
                     m.host_path
                 )));
             }
+            if propagation != MountPropagation::PropagationPrivate {
+                if vm {
+                    return Err(CriError::Unimplemented(format!(
+                        "mount {:?}: {} propagation cannot cross the VM boundary (VM pods \
+                         see a private copy of each volume)",
+                        m.container_path,
+                        propagation.as_str_name()
+                    )));
+                }
+                let source = std::fs::canonicalize(&m.host_path).map_err(|e| {
+                    CriError::InvalidArgument(format!("mount source {:?}: {e}", m.host_path))
+                })?;
+                let have = propagation_of(&source);
+                let ok = match propagation {
+                    MountPropagation::PropagationBidirectional => have == Propagation::Shared,
+                    _ => have != Propagation::Private,
+                };
+                if !ok {
+                    return Err(CriError::FailedPrecondition(format!(
+                        "mount {:?}: {} propagation needs a source on a {} mount; {} is on a \
+                         {have:?} one",
+                        m.container_path,
+                        propagation.as_str_name(),
+                        if propagation == MountPropagation::PropagationBidirectional {
+                            "shared"
+                        } else {
+                            "shared or slave"
+                        },
+                        source.display()
+                    )));
+                }
+            }
             Ok(MountRecord {
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.clone(),
                 readonly: m.readonly,
+                propagation: propagation as i32,
             })
         })
         .collect()
@@ -343,6 +402,15 @@ pub(super) fn user(
         }
     }
     if let Some(gid) = &sc.run_as_group {
+        // The CRI: "run_as_group should only be specified when run_as_user
+        // or run_as_username is specified; otherwise, the runtime MUST
+        // error" (containerd refuses it whatever the image's USER says).
+        if sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+            return Err(CriError::InvalidArgument(format!(
+                "run_as_group {} is set without run_as_user or run_as_username",
+                gid.value
+            )));
+        }
         user.gid = Some(id32(gid.value)?);
     }
     Ok(user)
@@ -497,5 +565,25 @@ mod tests {
         };
         let u = user(&sc, "nobody").unwrap();
         assert_eq!((u.uid, u.gid, u.username.as_str()), (7, Some(8), ""));
+    }
+
+    #[test]
+    fn run_as_group_without_a_user_is_refused() {
+        let group_only = k8s_cri::v1::LinuxContainerSecurityContext {
+            run_as_group: Some(k8s_cri::v1::Int64Value { value: 8 }),
+            ..Default::default()
+        };
+        // Not even an image USER with a uid makes it valid (as containerd).
+        for image_user in ["", "1000", "nobody"] {
+            assert!(matches!(
+                user(&group_only, image_user),
+                Err(CriError::InvalidArgument(_))
+            ));
+        }
+        let by_name = k8s_cri::v1::LinuxContainerSecurityContext {
+            run_as_username: "nobody".into(),
+            ..group_only
+        };
+        assert_eq!(user(&by_name, "").unwrap().gid, Some(8));
     }
 }

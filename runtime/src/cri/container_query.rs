@@ -57,6 +57,7 @@ pub(super) fn status(r: &ContainerRecord) -> ContainerStatus {
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.clone(),
                 readonly: m.readonly,
+                propagation: m.propagation,
                 ..Default::default()
             })
             .collect(),

@@ -175,6 +175,10 @@ pub struct Cri {
     images: Arc<dyn ImageResolver>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Pod names (namespace/name/uid/attempt) whose RunPodSandbox is in
+    /// progress, as containerd reserves names: a retry while the first
+    /// attempt still runs is AlreadyExists, never a second pod.
+    creating: Mutex<std::collections::HashSet<String>>,
     events: broadcast::Sender<k8s_cri::v1::ContainerEventResponse>,
 }
 
@@ -210,6 +214,7 @@ impl Cri {
             images,
             sandboxes: Mutex::new(HashMap::new()),
             containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(Default::default()),
             events,
         })
     }

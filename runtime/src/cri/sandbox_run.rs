@@ -23,7 +23,31 @@ use crate::agent_client;
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Cri {
+    /// The kubelet cancels RunPodSandbox at its deadline, and tonic then
+    /// drops this future. So the creation runs in a task of its own that
+    /// always finishes: the pod ends up ready (listed, for the kubelet to
+    /// find or remove), or its rollback has run. Nothing is left half made.
     pub(super) async fn run_pod_sandbox(
+        self: &Arc<Self>,
+        req: RunPodSandboxRequest,
+    ) -> Result<RunPodSandboxResponse, CriError> {
+        use tracing::Instrument;
+        let cri = self.clone();
+        let span = tracing::Span::current();
+        let create = async move {
+            let result = cri.create_pod_sandbox(req).await;
+            // The caller may be gone: say here how it ended.
+            if let Err(e) = &result {
+                tracing::info!(error = %super::error_chain(e), "pod sandbox not created; rolled back");
+            }
+            result
+        };
+        tokio::spawn(create.instrument(span))
+            .await
+            .map_err(|e| CriError::Internal(format!("the RunPodSandbox task failed: {e}")))?
+    }
+
+    async fn create_pod_sandbox(
         self: &Arc<Self>,
         req: RunPodSandboxRequest,
     ) -> Result<RunPodSandboxResponse, CriError> {
@@ -49,7 +73,19 @@ impl Cri {
         let handler_name = handler_name.to_string();
         let handler = handler.clone();
         // Same metadata → the same pod; the kubelet must remove the old
-        // one first (as containerd reserves names).
+        // one first (as containerd reserves names). A creation of the same
+        // pod still in progress holds the name too.
+        let key = format!(
+            "{}/{}/{}/{}",
+            meta.namespace, meta.name, meta.uid, meta.attempt
+        );
+        if !super::lock(&self.creating).insert(key.clone()) {
+            return Err(CriError::AlreadyExists(format!(
+                "pod {}/{} attempt {} is being created already",
+                meta.namespace, meta.name, meta.attempt
+            )));
+        }
+        let _reserved = Reservation { cri: self, key };
         let duplicate = super::lock(&self.sandboxes).values().any(|s| {
             let r = super::lock(&s.rec);
             r.name == meta.name
@@ -90,7 +126,10 @@ impl Cri {
         if host_ipc && !(host_backend && policy.allow_host_ipc) {
             return refuse("the node's IPC namespace");
         }
-        if security.privileged && !(host_backend && policy.allow_privileged) {
+        // A privileged pod in a VM is privileged inside the guest only (all
+        // capabilities, no seccomp, the guest's devices): the VM stays the
+        // boundary, as in Kata. On the host backend it needs the policy.
+        if security.privileged && host_backend && !policy.allow_privileged {
             return refuse("privileged mode");
         }
 
@@ -112,9 +151,14 @@ impl Cri {
             }
         };
 
+        let port_mappings = cni::PortMapping::from_cri(&config.port_mappings)
+            .map_err(|e| CriError::InvalidArgument(e.to_string()))?;
         let id = new_id()?;
+        // PodSandboxConfig.hostname is optional; as containerd, an empty
+        // one means the node's hostname (the pod *name* may be longer than
+        // a hostname can be, and the kubelet sends names of any length).
         let hostname = if config.hostname.is_empty() {
-            meta.name.clone()
+            node_hostname()?
         } else {
             config.hostname.clone()
         };
@@ -157,6 +201,7 @@ impl Cri {
             pid_starts: Default::default(),
             cni: None,
             tap: None,
+            port_mappings,
         };
         let mut undo = Rollback::default();
         let result = if host_backend {
@@ -251,6 +296,7 @@ impl Cri {
             name: rec.name.clone(),
             uid: rec.uid.clone(),
             netns,
+            port_mappings: rec.port_mappings.clone(),
         };
         let bins = self.config.cni.bin_dirs.clone();
         let att = match cni::add(&bins, network, &pod).await {
@@ -497,6 +543,26 @@ impl Rollback {
                 }
             }
         }
+    }
+}
+
+/// The node's hostname, which pods without one of their own get.
+fn node_hostname() -> Result<String, CriError> {
+    nix::unistd::gethostname()
+        .map_err(|e| CriError::Internal(format!("reading the node's hostname: {e}")))?
+        .into_string()
+        .map_err(|_| CriError::Internal("the node's hostname is not UTF-8".into()))
+}
+
+/// Holds a pod name in `Cri::creating` until RunPodSandbox is done.
+struct Reservation<'a> {
+    cri: &'a Cri,
+    key: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        super::lock(&self.cri.creating).remove(&self.key);
     }
 }
 

@@ -424,6 +424,52 @@ fn attach(
     move_mount_to(&tree, target).map_err(io_err("attaching a clone at", target))
 }
 
+/// How a mount propagates, from /proc/self/mountinfo's optional fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Propagation {
+    Private,
+    /// Receives from a master (`master:N`), sends nothing.
+    Slave,
+    /// In a peer group (`shared:N`), maybe also a slave.
+    Shared,
+}
+
+/// The propagation of the mount that holds `path` (the longest mount
+/// point above it) in this mount namespace, as containerd checks a
+/// HostToContainer or Bidirectional source.
+pub fn propagation_of(path: &Path) -> Propagation {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    propagation_in(&info, path)
+}
+
+fn propagation_in(mountinfo: &str, path: &Path) -> Propagation {
+    let mut best: Option<(usize, Propagation)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(point) = fields.get(4).map(|m| PathBuf::from(decode_mountinfo(m))) else {
+            continue;
+        };
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let optional = fields.iter().skip(6).take_while(|f| **f != "-");
+        let mut kind = Propagation::Private;
+        for f in optional {
+            if f.starts_with("shared:") {
+                kind = Propagation::Shared;
+            } else if f.starts_with("master:") && kind == Propagation::Private {
+                kind = Propagation::Slave;
+            }
+        }
+        // Later lines mount over earlier ones at the same point.
+        let depth = point.components().count();
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, kind));
+        }
+    }
+    best.map_or(Propagation::Private, |(_, k)| k)
+}
+
 /// Mount points (decoded) in this mount namespace, in mount order.
 fn mount_points() -> Vec<PathBuf> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -612,6 +658,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_propagation_of_the_deepest_mount_above_a_path_counts() {
+        let info = "\
+22 1 0:21 / / rw - ext4 /dev/vda rw
+30 22 0:30 / /data rw shared:5 - ext4 /dev/vdb rw
+31 30 0:31 / /data/slave rw master:5 - tmpfs t rw
+32 30 0:32 / /data/both rw shared:7 master:5 - tmpfs t rw
+33 22 0:33 / /data\\040x rw - tmpfs t rw";
+        let p = |s: &str| propagation_in(info, Path::new(s));
+        assert_eq!(p("/etc"), Propagation::Private);
+        assert_eq!(p("/data/vol"), Propagation::Shared);
+        assert_eq!(p("/data/slave/x"), Propagation::Slave);
+        assert_eq!(p("/data/both"), Propagation::Shared);
+        assert_eq!(p("/data x/y"), Propagation::Private);
+    }
+
+    #[test]
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(decode_mountinfo("/a\\040b"), "/a b");
         assert_eq!(decode_mountinfo("/tab\\011x\\134y"), "/tab\tx\\y");
@@ -715,6 +777,7 @@ mod tests {
             container_path: "/x".into(),
             host_path: rw.display().to_string(),
             readonly: false,
+            ..Default::default()
         }];
         assert!(matches!(
             share.expose("c0", &vol, None),
@@ -727,16 +790,19 @@ mod tests {
                 container_path: "/data".into(),
                 host_path: rw.display().to_string(),
                 readonly: false,
+                ..Default::default()
             },
             MountRecord {
                 container_path: "/ro".into(),
                 host_path: ro.display().to_string(),
                 readonly: true,
+                ..Default::default()
             },
             MountRecord {
                 container_path: "/etc/hosts".into(),
                 host_path: hosts.display().to_string(),
                 readonly: false,
+                ..Default::default()
             },
         ];
         let exposed = share.expose("c1", &mounts, Some(&image)).unwrap();
@@ -777,6 +843,7 @@ mod tests {
             container_path: "/x".into(),
             host_path: tmp.path().join("gone").display().to_string(),
             readonly: false,
+            ..Default::default()
         }];
         assert!(matches!(
             share.expose("c2", &missing, None),

@@ -96,6 +96,13 @@ impl HybridMuxer {
             source,
         };
         let listener = UnixListener::bind(uds_path).map_err(bind)?;
+        // Whoever connects talks to the guest's agent: the daemon only
+        // (the umask's mode would let any local user in).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600))
+                .map_err(bind)?;
+        }
         listener.set_nonblocking(true).map_err(bind)?;
         let epoll = Epoll::new().map_err(VsockError::Events)?;
         let timer = TimerFd::new().map_err(|e| VsockError::Events(e.into()))?;
@@ -619,6 +626,18 @@ impl Drop for HybridMuxer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_socket_is_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let m = HybridMuxer::new(&path, 3, Arc::new(VsockMetrics::default())).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(m);
+        assert!(!path.exists());
+    }
 
     #[test]
     fn connect_line_parsing() {
