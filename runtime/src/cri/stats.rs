@@ -13,6 +13,12 @@ use vmpod_proto::v1 as agent;
 use super::store::{ContainerRecord, ContainerState};
 use super::{Cri, CriError, labels_match, lock};
 
+/// How long one agent gets to answer a stats call: one hung VM must not
+/// stall the node's stats (the kubelet asks every few seconds).
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Agents asked at once by the List calls.
+const STATS_PARALLEL: usize = 16;
+
 impl Cri {
     async fn stats_of(&self, rec: &ContainerRecord) -> Result<ContainerStats, CriError> {
         let attributes = Some(ContainerAttributes {
@@ -30,12 +36,14 @@ impl Cri {
                 ..Default::default()
             });
         }
+        let mut req = tonic::Request::new(agent::StatsRequest {
+            container_id: rec.id.clone(),
+        });
+        req.set_timeout(STATS_TIMEOUT);
         let s = self
             .sandbox(&rec.sandbox_id)?
             .agent()?
-            .stats(agent::StatsRequest {
-                container_id: rec.id.clone(),
-            })
+            .stats(req)
             .await
             .map_err(CriError::agent("Stats"))?
             .into_inner();
@@ -89,13 +97,13 @@ impl Cri {
             })
             .filter(|r| labels_match(&r.labels, &filter.label_selector))
             .collect();
+        // In parallel; a container that exits between listing and
+        // sampling, or whose agent does not answer in time, is left out,
+        // not an error of the whole call.
         let mut stats = Vec::new();
-        for r in &recs {
-            // A container that exits between listing and sampling is not
-            // an error of the whole call.
-            if let Ok(s) = self.stats_of(r).await {
-                stats.push(s);
-            }
+        for chunk in recs.chunks(STATS_PARALLEL) {
+            let got = futures_util::future::join_all(chunk.iter().map(|r| self.stats_of(r))).await;
+            stats.extend(got.into_iter().flatten());
         }
         Ok(ListContainerStatsResponse { stats })
     }
@@ -104,14 +112,16 @@ impl Cri {
     /// no cgroup of its own on the host yet).
     async fn pod_stats_of(&self, id: &str) -> Result<PodSandboxStats, CriError> {
         let rec = self.sandbox(id)?.rec();
+        let running: Vec<ContainerRecord> = self
+            .containers_of(&rec.id)
+            .iter()
+            .map(|c| c.rec())
+            .filter(|r| r.state == ContainerState::Running)
+            .collect();
         let mut containers = Vec::new();
-        for c in self.containers_of(&rec.id) {
-            let r = c.rec();
-            if r.state == ContainerState::Running
-                && let Ok(s) = self.stats_of(&r).await
-            {
-                containers.push(s);
-            }
+        for chunk in running.chunks(STATS_PARALLEL) {
+            let got = futures_util::future::join_all(chunk.iter().map(|r| self.stats_of(r))).await;
+            containers.extend(got.into_iter().flatten());
         }
         let now = super::now_ns();
         let sum = |f: &dyn Fn(&ContainerStats) -> Option<u64>| {
@@ -185,12 +195,12 @@ impl Cri {
             .filter(|r| labels_match(&r.labels, &filter.label_selector))
             .map(|r| r.id)
             .collect();
+        // In parallel; a pod removed meanwhile is not an error of the call.
         let mut stats = Vec::new();
-        for id in ids {
-            // A pod removed meanwhile is not an error of the whole call.
-            if let Ok(s) = self.pod_stats_of(&id).await {
-                stats.push(s);
-            }
+        for chunk in ids.chunks(STATS_PARALLEL) {
+            let got =
+                futures_util::future::join_all(chunk.iter().map(|id| self.pod_stats_of(id))).await;
+            stats.extend(got.into_iter().flatten());
         }
         Ok(ListPodSandboxStatsResponse { stats })
     }
