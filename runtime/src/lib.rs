@@ -24,3 +24,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The path of the running `vmpod` binary, resolved once, the first time
+/// it is asked for (`vmpod serve` asks at start-up). The daemon re-executes
+/// itself for log pumps and VMMs; after an upgrade replaced the binary,
+/// `/proc/self/exe` names the deleted old image, while this path names the
+/// new one, which is what new pumps and VMMs should run.
+pub fn self_exe() -> std::io::Result<std::path::PathBuf> {
+    static SELF_EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = SELF_EXE.get() {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe()?;
+    Ok(SELF_EXE.get_or_init(|| exe).clone())
+}

@@ -430,7 +430,7 @@ impl Config {
         if let Some(p) = &self.agent_binary {
             return p.clone();
         }
-        if let Some(beside) = std::env::current_exe()
+        if let Some(beside) = crate::self_exe()
             .ok()
             .and_then(|exe| exe.parent().map(|d| d.join("vmpod-agent")))
             .filter(|p| p.is_file())

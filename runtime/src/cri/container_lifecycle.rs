@@ -68,7 +68,7 @@ impl Cri {
         }
         let srec = sandbox.rec();
         let mut cmd = std::process::Command::new(
-            std::env::current_exe()
+            crate::self_exe()
                 .map_err(|e| CriError::Internal(format!("locating the vmpod binary: {e}")))?,
         );
         cmd.arg("log-pump")

@@ -39,6 +39,11 @@ pub const SOCKET_MODE: u32 = 0o660;
 
 /// Serves the CRI on `socket` until SIGTERM or SIGINT.
 pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
+    // Pin the binary's path now, before an upgrade can replace it (log
+    // pumps and VMMs are this binary re-executed; see `self_exe`).
+    if let Err(e) = crate::self_exe() {
+        tracing::warn!(error = %e, "cannot resolve the vmpod binary's path");
+    }
     let manager = Arc::new(
         ImageManager::open(&config.state_dir.join("images"), config.image.clone())
             .map_err(ServeError::ImageStore)?,

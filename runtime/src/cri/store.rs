@@ -320,11 +320,16 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Encode(path.display().to_string(), e))?;
     let tmp = path.with_extension("json.tmp");
     let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, path)
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        // Data on disk before the rename, the rename on disk before we
+        // return: after a crash the record is the old one or the new one.
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     };
     write().map_err(|source| StoreError::Write {
         path: path.to_path_buf(),

@@ -231,7 +231,7 @@ pub fn vmm_config(dir: &Path, sockets: &Path, handler: &Handler) -> Result<VmmCo
 /// (this very binary) in its own session, stderr to `<dir>/vmm.log`.
 /// Returns its PID.
 pub fn spawn_vmm(dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmSandboxError> {
-    let exe = std::env::current_exe().map_err(VmmSandboxError::CurrentExe)?;
+    let exe = crate::self_exe().map_err(VmmSandboxError::CurrentExe)?;
     spawn_vmm_with(&exe, dir, cfg)
 }
 
