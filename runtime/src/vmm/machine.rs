@@ -307,9 +307,52 @@ fn serial_output(config: &VmmConfig) -> Result<SerialOut, MachineError> {
                     path: s.path.display().to_string(),
                     source,
                 })?;
-            Ok(Box::new(file))
+            Ok(Box::new(CappedLog::new(file, CONSOLE_LOG_CAP)))
         }
         None => Ok(Box::new(std::io::stdout())),
+    }
+}
+
+/// At most this many bytes of guest console in the log file: the guest
+/// decides what it prints, and the host disk is not its to fill.
+const CONSOLE_LOG_CAP: u64 = 4 << 20;
+
+/// A file that starts over (truncated, with a marker line) whenever the
+/// next write would take it past its cap, so it never holds more than
+/// `cap` bytes and always holds the latest output (what error messages
+/// quote).
+struct CappedLog {
+    file: File,
+    written: u64,
+    cap: u64,
+}
+
+impl CappedLog {
+    fn new(file: File, cap: u64) -> CappedLog {
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        CappedLog { file, written, cap }
+    }
+}
+
+impl std::io::Write for CappedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        const MARK: &[u8] = b"[vmpod: console log truncated]\n";
+        let buf = &buf[..buf
+            .len()
+            .min((self.cap as usize).saturating_sub(MARK.len()))];
+        if self.written + buf.len() as u64 > self.cap {
+            self.file.set_len(0)?;
+            self.written = 0;
+            self.file.write_all(MARK)?;
+            self.written += MARK.len() as u64;
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -540,4 +583,30 @@ pub fn run(
         "VM ended: {reason}"
     );
     Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_console_log_never_passes_its_cap() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut log = super::CappedLog::new(file, 1000);
+        for i in 0..500 {
+            log.write_all(format!("line {i}\n").as_bytes()).unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() <= 1000);
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("[vmpod: console log truncated]"), "{text}");
+        assert!(text.ends_with("line 499\n"), "{text}");
+        // One write larger than the cap is cut, never over the cap.
+        log.write_all(&[b'x'; 5000]).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() <= 1000);
+    }
 }
