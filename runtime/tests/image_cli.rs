@@ -5,7 +5,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn demo_archive() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest/demo-image.tar");
+    // Where guest-image/build puts it: $VMPOD_GUEST_DIR, else the guest/
+    // dir of cargo's target dir.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let guest = match (
+        std::env::var_os("VMPOD_GUEST_DIR"),
+        std::env::var_os("CARGO_TARGET_DIR"),
+    ) {
+        (Some(dir), _) => PathBuf::from(dir),
+        (None, Some(target)) => workspace.join(target).join("guest"),
+        (None, None) => workspace.join("target/guest"),
+    };
+    let path = guest.join("demo-image.tar");
     assert!(
         path.exists(),
         "{} is missing: run guest-image/build first (scripts/test does)",

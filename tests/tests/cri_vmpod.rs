@@ -121,7 +121,12 @@ async fn linux_pod_on_the_vmpod_hypervisor() {
         cfg.vsock.as_ref().map(|v| v.uds_path.clone()),
         Some(sockets.join("vsock.sock"))
     );
-    let vmm_procs = processes_mentioning(&dir.join("vmm.json"));
+    // vmm.json is written a moment before the VMM is spawned.
+    let vmm_procs = poll("the VMM process", || {
+        let p = processes_mentioning(&dir.join("vmm.json"));
+        (!p.is_empty()).then_some(p)
+    })
+    .await;
     assert_eq!(vmm_procs.len(), 1, "{vmm_procs:?}");
     assert!(vmm_procs[0].contains(" vmm --config "), "{vmm_procs:?}");
 
