@@ -87,10 +87,20 @@ pub async fn start(
                 .await
                 .map_err(|_| Status::cancelled("the client went away"))?;
             match rd.read(&mut buf).await {
-                Ok(0) => return Ok::<_, Status>(()),
+                Ok(0) => {
+                    // The peer's half-close, passed on; the other way may
+                    // still carry data.
+                    permit.send(Ok(PortForwardChunk {
+                        port: 0,
+                        data: Vec::new(),
+                        closed: true,
+                    }));
+                    return Ok::<_, Status>(());
+                }
                 Ok(n) => permit.send(Ok(PortForwardChunk {
                     port: 0,
                     data: buf[..n].to_vec(),
+                    closed: false,
                 })),
                 Err(e) => {
                     return Err(Status::unavailable(format!(
@@ -101,25 +111,9 @@ pub async fn start(
         }
     };
     tokio::spawn(async move {
-        // Both halves run until done; the first error ends the whole relay
-        // (dropping the socket) and is the call's status.
-        let up = async {
-            match upstream.await {
-                Ok(wr) => {
-                    // Keep the write half (and so the socket) open until the
-                    // peer's side ends too.
-                    std::future::pending::<()>().await;
-                    drop(wr);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let result = tokio::select! {
-            r = up => r,
-            r = downstream => r,
-        };
-        if let Err(status) = result {
+        // Both directions run to their end; the first error ends the whole
+        // relay (dropping the socket) and is the call's status.
+        if let Err(status) = tokio::try_join!(upstream, downstream) {
             let _ = tx.send(Err(status)).await;
         }
     });

@@ -153,6 +153,7 @@ async fn relay(
         .send(agent::PortForwardChunk {
             port: u32::from(port),
             data: Vec::new(),
+            closed: false,
         })
         .await;
     // Client → pod, until the client's FIN (the request stream ends:
@@ -164,6 +165,7 @@ async fn relay(
                 let chunk = agent::PortForwardChunk {
                     port: 0,
                     data: piece.to_vec(),
+                    closed: false,
                 };
                 if tx.send(chunk).await.is_err() {
                     return;
@@ -180,13 +182,17 @@ async fn relay(
         Err(status) => return fail(status.message().to_string()).await,
     };
     let mut down = response.into_inner();
-    // Pod → client, until the pod closes its side or the client resets.
+    // Pod → client; the pod's half-close is a FIN on the data stream, and
+    // the relay lasts until both directions are done or the client resets.
     let result = loop {
         tokio::select! {
             msg = down.message() => match msg {
                 Ok(Some(chunk)) => {
-                    if data.writer.write(&chunk.data).await.is_err() {
+                    if !chunk.data.is_empty() && data.writer.write(&chunk.data).await.is_err() {
                         break Ok(());
+                    }
+                    if chunk.closed {
+                        let _ = data.writer.close().await;
                     }
                 }
                 Ok(None) => break Ok(()),

@@ -243,22 +243,30 @@ async fn finish(ch: &mut Channels, protocol: Protocol, outcome: Outcome) {
     }
 }
 
-/// Copies one output stream of a process to `sink` (or discards it, so the
-/// process never blocks on an unread pipe), then closes the sink.
-async fn pump_output(
+/// Opens one output stream of a process (ReadOutput, or AttachOutput for
+/// a copy of the container's output; an attach tap exists once this
+/// returns, so no output is missed after it).
+async fn open_output(
     mut agent: AgentClient<Channel>,
     req: agent::ReadOutputRequest,
     attach: bool,
-    sink: Option<Box<dyn Sink>>,
-) {
+) -> Option<tonic::Streaming<agent::OutputChunk>> {
     // No deadline: the stream lasts as long as the process's output.
     let call = if attach {
         agent.attach_output(req).await
     } else {
         agent.read_output(req).await
     };
-    if let Ok(stream) = call {
-        let mut stream = stream.into_inner();
+    call.ok().map(tonic::Response::into_inner)
+}
+
+/// Copies an output stream to `sink` (or discards it, so the process never
+/// blocks on an unread pipe), then closes the sink.
+async fn pump_output(
+    stream: Option<tonic::Streaming<agent::OutputChunk>>,
+    sink: Option<Box<dyn Sink>>,
+) {
+    if let Some(mut stream) = stream {
         let mut alive = sink.is_some();
         while let Ok(Some(chunk)) = stream.message().await {
             if alive {
@@ -473,19 +481,21 @@ async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, conn: &C
         stream: stream as i32,
     };
     let mut outputs = JoinSet::new();
-    outputs.spawn(pump_output(
+    let stdout = open_output(
         agent.clone(),
         output(agent::read_output_request::Stream::Stdout),
         false,
-        ch.stdout.take(),
-    ));
+    )
+    .await;
+    outputs.spawn(pump_output(stdout, ch.stdout.take()));
     if !s.stdio.tty {
-        outputs.spawn(pump_output(
+        let stderr = open_output(
             agent.clone(),
             output(agent::read_output_request::Stream::Stderr),
             false,
-            ch.stderr.take(),
-        ));
+        )
+        .await;
+        outputs.spawn(pump_output(stderr, ch.stderr.take()));
     }
     let mut inputs = JoinSet::new();
     if let Some(rx) = ch.stdin.take() {
@@ -538,22 +548,25 @@ async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, conn
         exec_id: String::new(),
         stream: stream as i32,
     };
+    // The taps first: stdin written after them cannot echo unseen.
     let mut outputs = JoinSet::new();
     if let Some(sink) = ch.stdout.take() {
-        outputs.spawn(pump_output(
+        let stream = open_output(
             agent.clone(),
             output(agent::read_output_request::Stream::Stdout),
             true,
-            Some(sink),
-        ));
+        )
+        .await;
+        outputs.spawn(pump_output(stream, Some(sink)));
     }
     if let Some(sink) = ch.stderr.take() {
-        outputs.spawn(pump_output(
+        let stream = open_output(
             agent.clone(),
             output(agent::read_output_request::Stream::Stderr),
             true,
-            Some(sink),
-        ));
+        )
+        .await;
+        outputs.spawn(pump_output(stream, Some(sink)));
     }
     let stdin_attached = ch.stdin.is_some();
     let mut inputs = JoinSet::new();

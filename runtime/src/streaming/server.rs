@@ -58,8 +58,9 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, server: Arc<Streami
                 let slot = handler_slot.clone();
                 async move { Ok::<_, Infallible>(server.handle(req, &slot)) }
             });
+            // Keep-alive stays on: with it off, hyper answers the upgrade
+            // with "Connection: Upgrade, close", which client-go refuses.
             let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(false)
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades();
             // Until the request is read and answered; an upgraded session
