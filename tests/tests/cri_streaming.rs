@@ -401,13 +401,16 @@ fn seq_bytes(n: u32) -> Vec<u8> {
 async fn crictl_port_forward_integrity_concurrency_and_refused(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
-    // 9000: ~64 MB out of the pod; 9001: whatever comes in, hashed;
-    // 8080: an HTTP server for concurrent connections.
+    // 9000: ~64 MB out of the pod; 9001: whatever comes in, hashed (its
+    // stdin stays open: client-go ends a forwarded connection as soon as
+    // the pod's side closes, so a half-closed upload needs a server that
+    // does not close first); 8080: an HTTP server for concurrent
+    // connections.
     const N: u32 = 8_000_000;
     let script = format!(
         "mkdir -p /www && echo forwarded > /www/index.html && httpd -p 8080 -h /www; \
          (seq 1 {N} | nc -l -p 9000) & \
-         (nc -l -p 9001 | sha256sum > /tmp/up.sum) & \
+         (sleep 3600 | nc -l -p 9001 | sha256sum > /tmp/up.sum) & \
          sleep 3600"
     );
     let (pod, c) = pod_with(

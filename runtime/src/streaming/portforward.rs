@@ -65,8 +65,21 @@ pub(super) async fn serve(
                 None => break,
             },
             _ = sweep.tick() => {
+                // A half pair whose other stream never came: reset it, so
+                // the client's wait for it ends.
                 let now = Instant::now();
-                pending.retain(|_, (at, _)| now.duration_since(*at) < creation_timeout);
+                let expired: Vec<String> = pending
+                    .iter()
+                    .filter(|(_, (at, _))| now.duration_since(*at) >= creation_timeout)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in expired {
+                    if let Some((_, pair)) = pending.remove(&id) {
+                        for s in [pair.error, pair.data].into_iter().flatten() {
+                            s.writer.reset().await;
+                        }
+                    }
+                }
                 continue;
             }
         };

@@ -3,7 +3,7 @@
 //! socket's write half and the outgoing header compression.
 //!
 //! ```text
-//!  client ──frames──► reader ──SYN_STREAM──► incoming (bounded; full → RST REFUSED_STREAM)
+//!  client ──frames──► reader ──SYN_STREAM──► incoming (bounded; the reader waits)
 //!                       │  └──DATA──► the stream's data channel (bounded: a slow consumer
 //!                       │                  holds up the reader, i.e. TCP backpressure)
 //!                       └──PING, replies──► out ──► writer ──frames──► client
@@ -454,7 +454,9 @@ impl Reader {
                 state,
             },
         };
-        if incoming.try_send(stream).is_err() {
+        // Waiting here holds up the reader: backpressure on a client that
+        // opens streams faster than the session takes them.
+        if incoming.send(stream).await.is_err() {
             lock(&self.table).remove(&id);
             refuse(&self.out).await;
         }
