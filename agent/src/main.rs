@@ -14,6 +14,7 @@
 mod container;
 mod init;
 mod netif;
+mod port_forward;
 mod process;
 mod sandbox;
 mod server;

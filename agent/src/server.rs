@@ -212,6 +212,47 @@ impl Agent for AgentService {
         Ok(Response::new(ReleaseProcessResponse {}))
     }
 
+    type AttachOutputStream = tokio_stream::wrappers::ReceiverStream<Result<OutputChunk, Status>>;
+
+    async fn attach_output(
+        &self,
+        req: Request<ReadOutputRequest>,
+    ) -> Result<Response<Self::AttachOutputStream>, Status> {
+        let req = req.into_inner();
+        let stderr = match read_output_request::Stream::try_from(req.stream) {
+            Ok(read_output_request::Stream::Stdout) => false,
+            Ok(read_output_request::Stream::Stderr) => true,
+            _ => return Err(Status::invalid_argument("stream must be STDOUT or STDERR")),
+        };
+        let mut chunks = self
+            .manager
+            .attach_output(&req.container_id, &req.exec_id, stderr)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(data) = chunks.recv().await {
+                if tx.send(Ok(OutputChunk { data })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    type PortForwardStream =
+        tokio_stream::wrappers::ReceiverStream<Result<PortForwardChunk, Status>>;
+
+    async fn port_forward(
+        &self,
+        req: Request<tonic::Streaming<PortForwardChunk>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        let rx = crate::port_forward::start(req.into_inner()).await?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn update_container(
         &self,
         req: Request<UpdateContainerRequest>,

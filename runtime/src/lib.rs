@@ -9,6 +9,7 @@ pub mod cri;
 pub mod guest;
 pub mod hypervisor;
 pub mod image;
+pub mod streaming;
 pub mod vmm;
 
 /// An error with its whole source chain on one line (`outer: cause: root`),

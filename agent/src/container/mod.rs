@@ -46,6 +46,11 @@ const MAX_ID: usize = 128;
 /// if all are running, ExecProcess is RESOURCE_EXHAUSTED. An exec probe
 /// every 10 s for weeks never grows the agent.
 const MAX_EXECS: usize = 256;
+/// How long an AttachOutput client may hold up the output before it is
+/// dropped (see [`Proc::attach`]).
+const ATTACH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attach streams per output stream of one process.
+const MAX_ATTACH: usize = 16;
 
 /// What went wrong, by the kind the caller sees.
 #[derive(Debug, thiserror::Error)]
@@ -138,11 +143,38 @@ pub struct Proc {
     stderr: Mutex<OutputSlot>,
     /// The terminal master, for resizes.
     tty: Option<OwnedFd>,
+    /// AttachOutput streams of stdout and stderr: copies of what is read.
+    attached: [Mutex<Vec<tokio::sync::mpsc::Sender<Vec<u8>>>>; 2],
 }
 
 impl Proc {
     fn exited(&self) -> Option<ExitInfo> {
         *self.exit.borrow()
+    }
+
+    fn attached(&self, stderr: bool) -> &Mutex<Vec<tokio::sync::mpsc::Sender<Vec<u8>>>> {
+        &self.attached[usize::from(stderr)]
+    }
+
+    /// Hands a copy of freshly read output to every attached stream; one
+    /// that is gone or does not take it within ATTACH_SEND_TIMEOUT is
+    /// dropped (its stream ends), so a stuck client cannot stall the
+    /// container for longer than that.
+    async fn feed_attached(&self, stderr: bool, chunk: &[u8]) {
+        let taps = self
+            .attached(stderr)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for tap in taps {
+            let sent = tokio::time::timeout(ATTACH_SEND_TIMEOUT, tap.send(chunk.to_vec())).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                self.attached(stderr)
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|t| !t.same_channel(&tap));
+            }
+        }
     }
 }
 
@@ -452,6 +484,7 @@ impl Manager {
             stdout: slot(stdout),
             stderr: slot(stderr),
             tty,
+            attached: Default::default(),
         }))
     }
 
@@ -924,7 +957,10 @@ impl Manager {
                 tokio::select! {
                     read = reader.read(&mut buf) => match read {
                         Ok(0) => break,
-                        Ok(n) => chunk = buf[..n].to_vec(),
+                        Ok(n) => {
+                            chunk = buf[..n].to_vec();
+                            p.feed_attached(stderr, &chunk).await;
+                        }
                         Err(e) => {
                             let _ = tx.send(Err(internal("reading output", &e))).await;
                             break;
@@ -936,7 +972,40 @@ impl Manager {
             *slot_of(&p, stderr)
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = OutputSlot::Finished;
+            // The output ended: so do the attached streams.
+            p.attached(stderr)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         });
+        Ok(rx)
+    }
+
+    /// AttachOutput: a copy of the output the current reader reads, from
+    /// now on; ends with the output.
+    pub fn attach_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<tokio::sync::mpsc::Receiver<Vec<u8>>, ContainerError> {
+        let p = self.proc(id, exec_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let slot = if stderr { &p.stderr } else { &p.stdout };
+        let finished = matches!(
+            *slot.lock().unwrap_or_else(|e| e.into_inner()),
+            OutputSlot::Finished
+        );
+        if !finished {
+            let mut taps = p.attached(stderr).lock().unwrap_or_else(|e| e.into_inner());
+            taps.retain(|t| !t.is_closed());
+            if taps.len() >= MAX_ATTACH {
+                return Err(ContainerError::FailedPrecondition(format!(
+                    "{id:?}/{exec_id:?} has {MAX_ATTACH} attached streams already"
+                )));
+            }
+            taps.push(tx);
+        }
         Ok(rx)
     }
 

@@ -58,10 +58,30 @@ pub async fn connect(
     addr: &AgentAddr,
     connect_timeout: Duration,
 ) -> Result<AgentClient<Channel>, AgentClientError> {
+    connect_with(addr, connect_timeout, Some(DEFAULT_CALL_TIMEOUT)).await
+}
+
+/// Connects for a streaming session (exec, attach, port-forward): no
+/// channel-wide call deadline, because a client-streaming call such as
+/// WriteStdin answers only when its stream ends, which is the session's
+/// end. The session puts a deadline on every other call itself.
+pub async fn connect_streaming(
+    addr: &AgentAddr,
+    connect_timeout: Duration,
+) -> Result<AgentClient<Channel>, AgentClientError> {
+    connect_with(addr, connect_timeout, None).await
+}
+
+async fn connect_with(
+    addr: &AgentAddr,
+    connect_timeout: Duration,
+    call_timeout: Option<Duration>,
+) -> Result<AgentClient<Channel>, AgentClientError> {
     // The URI is required by tonic but never resolved: the connector dials.
-    let endpoint = Endpoint::from_static("http://vmpod-agent")
-        .connect_timeout(connect_timeout)
-        .timeout(DEFAULT_CALL_TIMEOUT);
+    let mut endpoint = Endpoint::from_static("http://vmpod-agent").connect_timeout(connect_timeout);
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
     let dial = addr.clone();
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {

@@ -60,6 +60,8 @@ pub struct Config {
     pub image: crate::image::manager::ImageConfig,
     /// `[cni]`: pod networking through CNI plugins.
     pub cni: CniConfig,
+    /// `[streaming]`: the exec/attach/port-forward server.
+    pub streaming: crate::streaming::StreamingConfig,
 }
 
 /// Where the CNI network configuration and plugins are.
@@ -350,6 +352,7 @@ impl Default for Config {
             static_images: Vec::new(),
             image: crate::image::manager::ImageConfig::default(),
             cni: CniConfig::default(),
+            streaming: Default::default(),
         }
     }
 }
@@ -410,6 +413,9 @@ impl Config {
         for (name, h) in &self.handlers {
             h.validate(name)?;
         }
+        self.streaming
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 

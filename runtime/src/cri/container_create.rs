@@ -11,7 +11,9 @@ use vmpod_proto::v1 as agent;
 
 use super::image::ImageConfig;
 use super::shared_fs::Share;
-use super::store::{ContainerRecord, ContainerState, ExecBase, MountRecord, SandboxState};
+use super::store::{
+    ContainerRecord, ContainerState, ExecBase, MountRecord, SandboxState, StdioConfig,
+};
 use super::{Container, Cri, CriError, lock, new_id, now_ns};
 
 impl Cri {
@@ -84,6 +86,12 @@ impl Cri {
                 username: u.username,
                 additional_gids: u.additional_gids,
             }
+        };
+
+        let stdio = StdioConfig {
+            stdin: config.stdin,
+            stdin_once: config.stdin_once,
+            tty: config.tty,
         };
 
         let id = new_id()?;
@@ -193,6 +201,7 @@ impl Cri {
             log_pump: None,
             exec_base,
             stop_signal,
+            stdio,
         };
         if let Err(e) = self.state.save_container(&rec) {
             let _ = agent_client

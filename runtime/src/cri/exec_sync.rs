@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_cri::v1::{ExecSyncRequest, ExecSyncResponse};
 use vmpod_proto::v1 as agent;
 
-use super::store::ContainerState;
+use super::store::{ContainerState, ExecBase};
 use super::{Cri, CriError, new_id};
 
 /// Cap on stdout and stderr together: the reply must fit the kubelet's
@@ -16,6 +16,28 @@ use super::{Cri, CriError, new_id};
 pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024 - 64 * 1024;
 /// The bound for an ExecSync without a timeout: every wait has one.
 const NO_TIMEOUT_BOUND: Duration = Duration::from_secs(3600);
+
+/// An exec's process: `args` with what the container's execs inherit.
+pub(super) fn exec_process(
+    base: &ExecBase,
+    args: Vec<String>,
+    terminal: bool,
+    stdin: bool,
+) -> agent::Process {
+    agent::Process {
+        args,
+        env: base.env.clone(),
+        cwd: base.cwd.clone(),
+        user: Some(agent::User {
+            uid: base.uid,
+            gid: base.gid,
+            username: base.username.clone(),
+            additional_gids: base.additional_gids.clone(),
+        }),
+        terminal,
+        stdin,
+    }
+}
 
 impl Cri {
     pub(super) async fn exec_sync(
@@ -35,24 +57,11 @@ impl Cri {
         }
         let mut client = self.sandbox(&rec.sandbox_id)?.agent()?;
         let exec_id = format!("exec-{}", &new_id()?[..16]);
-        let base = &rec.exec_base;
         client
             .exec_process(agent::ExecProcessRequest {
                 container_id: rec.id.clone(),
                 exec_id: exec_id.clone(),
-                process: Some(agent::Process {
-                    args: req.cmd.clone(),
-                    env: base.env.clone(),
-                    cwd: base.cwd.clone(),
-                    user: Some(agent::User {
-                        uid: base.uid,
-                        gid: base.gid,
-                        username: base.username.clone(),
-                        additional_gids: base.additional_gids.clone(),
-                    }),
-                    terminal: false,
-                    stdin: false,
-                }),
+                process: Some(exec_process(&rec.exec_base, req.cmd.clone(), false, false)),
             })
             .await
             .map_err(CriError::agent("ExecProcess"))?;

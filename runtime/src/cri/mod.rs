@@ -6,18 +6,21 @@
 //! `container_create.rs`, ...), which work on the [`Cri`] runtime and its
 //! stores ([`store`]).
 
+mod attach;
 pub mod cni;
 pub mod config;
 mod container_create;
 mod container_lifecycle;
 mod container_query;
 mod events;
+mod exec;
 mod exec_sync;
 pub mod host_sandbox;
 pub mod image;
 pub mod log_pump;
 pub mod logs;
 mod monitor;
+mod port_forward;
 pub mod run_cli;
 mod runtime_info;
 mod sandbox_lifecycle;
@@ -34,7 +37,7 @@ pub mod vm_sandbox;
 pub mod vmm_sandbox;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::broadcast;
 use tonic::transport::Channel;
@@ -81,6 +84,8 @@ pub enum CriError {
     Cni(#[from] cni::CniError),
     #[error(transparent)]
     VmNetwork(#[from] vm_network::VmNetworkError),
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::StreamingError),
     #[error("the agent cannot be reached")]
     AgentUnreachable(#[source] crate::agent_client::AgentClientError),
 }
@@ -105,6 +110,9 @@ impl CriError {
                 | shared_fs::SharedFsError::UnsupportedSource(_),
             ) => Code::InvalidArgument,
             CriError::SharedFs(shared_fs::SharedFsError::NoShare) => Code::FailedPrecondition,
+            CriError::Streaming(crate::streaming::StreamingError::TooManyTokens(_)) => {
+                Code::ResourceExhausted
+            }
             CriError::Internal(_)
             | CriError::Store(_)
             | CriError::HostSandbox(_)
@@ -112,7 +120,8 @@ impl CriError {
             | CriError::Cni(_)
             | CriError::VmNetwork(_)
             | CriError::Image(_)
-            | CriError::SharedFs(_) => Code::Internal,
+            | CriError::SharedFs(_)
+            | CriError::Streaming(_) => Code::Internal,
         };
         tonic::Status::new(code, error_chain(self))
     }
@@ -180,6 +189,8 @@ pub struct Cri {
     /// attempt still runs is AlreadyExists, never a second pod.
     creating: Mutex<std::collections::HashSet<String>>,
     events: broadcast::Sender<k8s_cri::v1::ContainerEventResponse>,
+    /// The exec/attach/port-forward server, once `vmpod serve` started it.
+    streaming: OnceLock<Arc<crate::streaming::StreamingServer>>,
 }
 
 /// RemoveImage refuses images that containers were created from.
@@ -216,6 +227,18 @@ impl Cri {
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(Default::default()),
             events,
+            streaming: OnceLock::new(),
+        })
+    }
+
+    /// Hands the runtime its streaming server (once).
+    pub fn set_streaming(&self, server: Arc<crate::streaming::StreamingServer>) {
+        let _ = self.streaming.set(server);
+    }
+
+    fn streaming(&self) -> Result<&crate::streaming::StreamingServer, CriError> {
+        self.streaming.get().map(|s| s.as_ref()).ok_or_else(|| {
+            CriError::FailedPrecondition("the streaming server is not running".into())
         })
     }
 

@@ -16,6 +16,7 @@ use super::image::{ImageResolver, StaticImages, StoreImages};
 use super::service::CriService;
 use crate::image::manager::ImageManager;
 use crate::image::service::CriImageService;
+use crate::streaming::StreamingServer;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum ServeError {
     Images(#[source] super::image::ImageError),
     #[error("opening the image store")]
     ImageStore(#[source] crate::image::manager::ImageError),
+    #[error("starting the streaming server")]
+    Streaming(#[source] crate::streaming::StreamingError),
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -50,7 +53,11 @@ pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
     );
     let fallback = StaticImages::load(&config.static_images).map_err(ServeError::Images)?;
     let images: Arc<dyn ImageResolver> = Arc::new(StoreImages::new(manager.clone(), fallback));
+    let streaming = StreamingServer::start(config.streaming.clone())
+        .await
+        .map_err(ServeError::Streaming)?;
     let cri = Cri::new(config, images);
+    cri.set_streaming(streaming);
     let image_service = CriImageService::new(manager, cri.clone());
     cri.adopt().await;
     let sock_err = |source| ServeError::Socket {

@@ -59,12 +59,6 @@ macro_rules! rpc {
     };
 }
 
-fn streaming(what: &str) -> Result<Response<()>, Status> {
-    Err(Status::unimplemented(format!(
-        "{what} needs the streaming server, which vmpod does not run yet (a later issue)"
-    )))
-}
-
 #[tonic::async_trait]
 impl RuntimeService for CriService {
     async fn version(
@@ -162,17 +156,17 @@ impl RuntimeService for CriService {
     ) -> Result<Response<ExecSyncResponse>, Status> {
         rpc!(self, "ExecSync", exec_sync, r)
     }
-    async fn exec(&self, _r: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        streaming("Exec").map(|_| Response::new(ExecResponse::default()))
+    async fn exec(&self, r: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        rpc!(self, "Exec", exec, r)
     }
-    async fn attach(&self, _r: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
-        streaming("Attach").map(|_| Response::new(AttachResponse::default()))
+    async fn attach(&self, r: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+        rpc!(self, "Attach", attach, r)
     }
     async fn port_forward(
         &self,
-        _r: Request<PortForwardRequest>,
+        r: Request<PortForwardRequest>,
     ) -> Result<Response<PortForwardResponse>, Status> {
-        streaming("PortForward").map(|_| Response::new(PortForwardResponse::default()))
+        rpc!(self, "PortForward", port_forward, r)
     }
     async fn container_stats(
         &self,

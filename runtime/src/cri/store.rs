@@ -212,6 +212,18 @@ pub struct ContainerRecord {
     /// 0 = SIGTERM.
     #[serde(default)]
     pub stop_signal: i32,
+    /// The container's stdio settings, for Attach.
+    #[serde(default)]
+    pub stdio: StdioConfig,
+}
+
+/// How a container's own stdio was asked for (CRI `stdin`, `stdin_once`,
+/// `tty`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StdioConfig {
+    pub stdin: bool,
+    pub stdin_once: bool,
+    pub tty: bool,
 }
 
 /// The process settings an exec inherits from its container.

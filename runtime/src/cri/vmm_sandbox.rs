@@ -944,6 +944,7 @@ mod tests {
             log_pump: None,
             exec_base: Default::default(),
             stop_signal: 0,
+            stdio: Default::default(),
         };
         lock(&cri.containers).insert(
             id.into(),

@@ -1,0 +1,42 @@
+//! Attach: to a running container's own stdio. Its terminal and stdin are
+//! what the container was created with; stdin is attached only if the
+//! container has one.
+
+use k8s_cri::v1::{AttachRequest, AttachResponse};
+
+use super::exec::check_stdio;
+use super::{Cri, CriError};
+use crate::streaming::{AttachSession, Session, Stdio};
+
+impl Cri {
+    pub(super) async fn attach(&self, req: AttachRequest) -> Result<AttachResponse, CriError> {
+        let (rec, agent) = self.running_container(&req.container_id)?;
+        if req.stdin && !rec.stdio.stdin {
+            return Err(CriError::InvalidArgument(format!(
+                "container {} was not created with stdin",
+                rec.id
+            )));
+        }
+        if req.tty != rec.stdio.tty {
+            return Err(CriError::InvalidArgument(format!(
+                "tty {} does not match the container's ({})",
+                req.tty, rec.stdio.tty
+            )));
+        }
+        let stdio = Stdio {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            tty: req.tty,
+        };
+        check_stdio(stdio)?;
+        let session = Session::Attach(AttachSession {
+            agent,
+            container_id: rec.id.clone(),
+            stdio,
+            stdin_once: rec.stdio.stdin_once,
+        });
+        let url = self.streaming()?.url(session)?;
+        Ok(AttachResponse { url })
+    }
+}

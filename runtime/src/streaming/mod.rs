@@ -1,0 +1,212 @@
+//! The streaming server of `vmpod serve`: exec, attach and port-forward, as
+//! containerd's CRI plugin and CRI-O run one.
+//!
+//! ```text
+//!  CRI Exec/Attach/PortForward ──validate──► Session ──► TokenStore ──► URL http://ADDR:PORT/exec/<token>
+//!  client ──HTTP upgrade (SPDY/3.1)──► server.rs ──take token──► remotecommand.rs | portforward.rs
+//!                                                                   │  agent RPCs (host pods and VM pods alike)
+//!                                                                   ▼
+//!                 ExecProcess, ReadOutput, WriteStdin, CloseStdin, ResizeTty, WaitProcess,
+//!                 SignalProcess, ReleaseProcess, AttachOutput, PortForward
+//! ```
+//!
+//! Tokens are single-use and live one minute; an unknown, used or expired
+//! token is a 404. TLS is not served yet: the default listen address is
+//! loopback, where the kubelet (or crictl) on the node reaches it.
+
+mod portforward;
+mod remotecommand;
+mod server;
+pub mod spdy;
+pub mod token;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use vmpod_proto::v1 as agent;
+
+use crate::agent_client::AgentAddr;
+
+use token::TokenStore;
+
+/// `[streaming]` in the daemon's config.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// The address to listen on and to put in URLs. Default `127.0.0.1`;
+    /// an unspecified address (`0.0.0.0`, `::`) listens everywhere and
+    /// puts loopback in URLs.
+    pub address: IpAddr,
+    /// The TCP port; 0 (the default) lets the kernel choose.
+    pub port: u16,
+    /// A connection with no traffic for this long is closed. Default 4 h.
+    pub idle_timeout_secs: u64,
+    /// How long a client has to open its streams after the upgrade.
+    /// Default 30 s.
+    pub stream_creation_timeout_secs: u64,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 0,
+            idle_timeout_secs: 4 * 3600,
+            stream_creation_timeout_secs: 30,
+        }
+    }
+}
+
+impl StreamingConfig {
+    /// Checks the bounds: both timeouts 1 s ..= 1 week.
+    pub fn validate(&self) -> Result<(), StreamingError> {
+        for (name, v) in [
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            (
+                "stream_creation_timeout_secs",
+                self.stream_creation_timeout_secs,
+            ),
+        ] {
+            if !(1..=7 * 24 * 3600).contains(&v) {
+                return Err(StreamingError::Config(format!(
+                    "{name} must be between 1 and 604800, not {v}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    fn stream_creation_timeout(&self) -> Duration {
+        Duration::from_secs(self.stream_creation_timeout_secs)
+    }
+}
+
+/// Errors of the streaming server.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamingError {
+    #[error("binding the streaming server to {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TooManyTokens(#[from] token::TooManyTokens),
+    #[error("[streaming]: {0}")]
+    Config(String),
+}
+
+/// Which stdio streams a session carries (validated by the CRI call).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stdio {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+/// A prepared exec: the process to start when the client connects.
+#[derive(Debug)]
+pub struct ExecSession {
+    /// The pod's agent; the session connects when the client does.
+    pub agent: AgentAddr,
+    pub container_id: String,
+    pub process: agent::Process,
+    pub stdio: Stdio,
+}
+
+/// A prepared attach to a container's own process.
+#[derive(Debug)]
+pub struct AttachSession {
+    /// The pod's agent; the session connects when the client does.
+    pub agent: AgentAddr,
+    pub container_id: String,
+    pub stdio: Stdio,
+    /// The container's stdin closes when this attach ends (CRI stdin_once).
+    pub stdin_once: bool,
+}
+
+/// A prepared port-forward into a pod.
+#[derive(Debug)]
+pub struct PortForwardSession {
+    /// The pod's agent; the session connects when the client does.
+    pub agent: AgentAddr,
+    pub sandbox_id: String,
+    /// The ports the CRI request named; empty = any.
+    pub ports: Vec<u16>,
+}
+
+/// What a token stands for.
+#[derive(Debug)]
+pub enum Session {
+    Exec(ExecSession),
+    Attach(AttachSession),
+    PortForward(PortForwardSession),
+}
+
+impl Session {
+    /// The URL path segment, as containerd's.
+    fn path(&self) -> &'static str {
+        match self {
+            Session::Exec(_) => "exec",
+            Session::Attach(_) => "attach",
+            Session::PortForward(_) => "portforward",
+        }
+    }
+}
+
+/// The running server: where it listens and its pending sessions.
+#[derive(Debug)]
+pub struct StreamingServer {
+    tokens: TokenStore<Session>,
+    config: StreamingConfig,
+    local_addr: SocketAddr,
+    base_url: String,
+}
+
+impl StreamingServer {
+    /// Binds and starts serving; runs as long as the daemon.
+    pub async fn start(config: StreamingConfig) -> Result<Arc<StreamingServer>, StreamingError> {
+        config.validate()?;
+        let addr = SocketAddr::new(config.address, config.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StreamingError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StreamingError::Bind { addr, source })?;
+        let url_ip = match local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let base_url = format!("http://{}", SocketAddr::new(url_ip, local_addr.port()));
+        let server = Arc::new(StreamingServer {
+            tokens: TokenStore::new(token::TOKEN_TTL),
+            config,
+            local_addr,
+            base_url,
+        });
+        tracing::info!(addr = %local_addr, "serving exec, attach and port-forward");
+        tokio::spawn(server::serve(listener, server.clone()));
+        Ok(server)
+    }
+
+    /// Where the server listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stores `session` and answers the URL the client is to use.
+    pub fn url(&self, session: Session) -> Result<String, StreamingError> {
+        let path = session.path();
+        let token = self.tokens.insert(session)?;
+        Ok(format!("{}/{path}/{token}", self.base_url))
+    }
+}

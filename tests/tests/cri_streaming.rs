@@ -1,0 +1,558 @@
+//! Streaming end to end: exec, attach and port-forward through the stock
+//! `crictl` (../shared/tools/crictl, client-go's SPDY clients, exactly as
+//! the kubelet's), against a real `vmpod serve`, on host pods and on VM
+//! pods (QEMU TCG); plus the streaming server's HTTP edge cases with a raw
+//! client. Needs root, crictl and `script` (util-linux); VM pods need QEMU
+//! and vhost-device-vsock. Missing prerequisites fail loudly.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::*;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tonic::Code;
+use vmpod_tests::cri::*;
+use vmpod_tests::{require_program, workspace_root};
+
+/// Each scenario once per backend: `host::name` and `vm::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod host {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(vmpod_tests::cri::Backend::Host).await
+                }
+            )*
+        }
+        mod vm {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(vmpod_tests::cri::Backend::Vm).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    crictl_exec_stdin_exit_codes_tty_and_vanishing_clients,
+    crictl_attach_with_stdin_once,
+    crictl_port_forward_integrity_concurrency_and_refused,
+);
+
+/// The stock crictl (`VMPOD_CRICTL` overrides).
+fn crictl_path() -> PathBuf {
+    let path = std::env::var_os("VMPOD_CRICTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root()
+                .parent()
+                .expect("the repo has a parent")
+                .join("shared/tools/crictl")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: these tests need the stock crictl (see ../shared/tools/README.md)",
+        path.display()
+    );
+    path
+}
+
+fn crictl(d: &Daemon) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(crictl_path());
+    let endpoint = format!("unix://{}", d.socket.display());
+    c.args([
+        "--runtime-endpoint",
+        &endpoint,
+        "--image-endpoint",
+        &endpoint,
+        "--timeout",
+        "60s",
+    ]);
+    c.kill_on_drop(true);
+    c
+}
+
+/// Runs crictl with `stdin`, bounded; (exit code, stdout, stderr).
+async fn run_crictl(d: &Daemon, args: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, String) {
+    let mut cmd = crictl(d);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("running crictl");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let feed = tokio::spawn(async move {
+        let _ = input.write_all(&data).await;
+        // Dropping it is the EOF.
+    });
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("crictl {args:?} did not finish"))
+        .expect("crictl output");
+    let _ = feed.await;
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn pod_with(
+    cri: &mut Cri,
+    d: &Daemon,
+    name: &str,
+    config: ContainerConfig,
+) -> (String, String) {
+    let pod = run_pod(cri, pod_config(d, name, &[])).await;
+    let c = create(cri, &pod, config).await;
+    start(cri, &c).await;
+    (pod, c)
+}
+
+/// Polls ExecSync `ps` until no process line contains `needle`.
+async fn wait_no_process(cri: &mut Cri, c: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exec(cri, c, &["ps"], 30).await.expect("ps");
+        let ps = String::from_utf8_lossy(&r.stdout).into_owned();
+        if !ps.lines().any(|l| l.contains(needle) && !l.contains("ps")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} still runs:\n{ps}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
+    require_program("script", "bsdutils");
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let (pod, c) = pod_with(
+        &mut cri,
+        &d,
+        "exec",
+        container_config("main", &["sleep", "3600"], &[]),
+    )
+    .await;
+
+    // stdin through cat, byte for byte (200 KiB, more than a pipe holds).
+    let input: Vec<u8> = (0..200 * 1024u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let (code, out, err) = run_crictl(&d, &["exec", "-i", &c, "cat"], &input).await;
+    assert_eq!(code, 0, "crictl exec -i cat: {err}");
+    assert!(
+        out == input,
+        "cat returned {} of {} bytes",
+        out.len(),
+        input.len()
+    );
+
+    // Exit codes and separate stdout/stderr.
+    let (code, out, err) = run_crictl(
+        &d,
+        &["exec", &c, "sh", "-c", "echo out; echo err >&2; exit 7"],
+        b"",
+    )
+    .await;
+    // crictl exits 1 on any failure, but its message is client-go's
+    // CodeExitError, built from the error stream's ExitCode cause.
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("command terminated with exit code 7"),
+        "the exit code through the error stream: {err}"
+    );
+    assert_eq!(out, b"out\n");
+    assert!(err.contains("err"), "{err}");
+    let (code, _, err) = run_crictl(&d, &["exec", &c, "true"], b"").await;
+    assert_eq!(code, 0, "{err}");
+
+    // A terminal: crictl sends its size (set under script's pty), the
+    // process sees it.
+    let cmd = format!(
+        "stty rows 33 cols 77; {} --runtime-endpoint unix://{sock} --image-endpoint unix://{sock} \
+         exec -it {c} sh -c 'sleep 1; stty size; tty'",
+        crictl_path().display(),
+        sock = d.socket.display(),
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("crictl exec -it in time")
+    .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "crictl exec -it: {text}");
+    assert!(
+        text.contains("33 77"),
+        "the resize reached the tty: {text:?}"
+    );
+    assert!(text.contains("/dev/pts/"), "a terminal: {text:?}");
+
+    // A client that vanishes mid-exec leaves no process behind.
+    let mut child = crictl(&d)
+        .args(["exec", &c, "sleep", "4242"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("crictl exec sleep");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exec(&mut cri, &c, &["ps"], 30).await.expect("ps");
+        if String::from_utf8_lossy(&r.stdout).contains("sleep 4242") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the exec never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().await.expect("kill -9 crictl");
+    wait_no_process(&mut cri, &c, "sleep 4242").await;
+
+    // CRI-level validation.
+    let bad = |tty, stdin, stdout, stderr| ExecRequest {
+        container_id: c.clone(),
+        cmd: vec!["true".into()],
+        tty,
+        stdin,
+        stdout,
+        stderr,
+    };
+    assert_eq!(
+        code_of(cri.exec(bad(true, false, true, true)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(cri.exec(bad(false, false, false, false)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(
+            cri.exec(ExecRequest {
+                container_id: "nope".into(),
+                ..bad(false, false, true, false)
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(
+            cri.attach(AttachRequest {
+                container_id: c.clone(),
+                stdin: true,
+                stdout: true,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "the container has no stdin"
+    );
+
+    // The HTTP edge cases, with a raw client.
+    let url = cri
+        .exec(bad(false, false, true, false))
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let (addr, path) = split_url(&url);
+    assert!(path.starts_with("/exec/"), "{url}");
+    assert_eq!(
+        upgrade(&addr, "/exec/0123456789abcdef", "v4.channel.k8s.io"),
+        404
+    );
+    assert_eq!(
+        upgrade(&addr, &path, "v99.channel.k8s.io"),
+        403,
+        "unknown sub-protocol"
+    );
+    assert_eq!(
+        upgrade(&addr, &path, "v4.channel.k8s.io"),
+        404,
+        "a token is single-use"
+    );
+    let url = cri
+        .exec(bad(false, false, true, false))
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let (_, path) = split_url(&url);
+    assert_eq!(
+        upgrade(
+            &addr,
+            &path.replace("/exec/", "/attach/"),
+            "v4.channel.k8s.io"
+        ),
+        404,
+        "a token is for its own kind"
+    );
+    let url = cri
+        .exec(bad(false, false, true, false))
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let (_, path) = split_url(&url);
+    // Upgraded, then the client leaves before opening any stream.
+    assert_eq!(upgrade(&addr, &path, "v4.channel.k8s.io"), 101);
+
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+fn code_of<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+fn split_url(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let slash = rest.find('/').expect("a path");
+    (rest[..slash].to_string(), rest[slash..].to_string())
+}
+
+/// Sends an upgrade request and returns the HTTP status.
+fn upgrade(addr: &str, path: &str, protocol: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).expect("connecting to the streaming server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+         X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).expect("a response");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"))
+}
+
+async fn crictl_attach_with_stdin_once(b: Backend) {
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let mut config = container_config("cat", &["cat"], &[]);
+    config.stdin = true;
+    config.stdin_once = true;
+    let (pod, c) = pod_with(&mut cri, &d, "attach", config).await;
+    // What goes in comes back out; stdin_once ends cat when the attach's
+    // stdin ends, which ends the container and so the attach.
+    let (code, out, err) = run_crictl(&d, &["attach", "-i", &c], b"hello attach\n").await;
+    assert_eq!(code, 0, "crictl attach: {err}");
+    assert_eq!(String::from_utf8_lossy(&out), "hello attach\n", "{err}");
+    let st = wait_exited(&mut cri, &c).await;
+    assert_eq!(st.exit_code, 0, "cat saw EOF: {st:?}");
+    // The log has it too: attach output is a copy of the log pump's.
+    let lines = log_lines(&d.log_root().join("attach/cat/0.log"), 1).await;
+    assert!(lines[0].ends_with("hello attach"), "{lines:?}");
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+/// A free local TCP port (racy, but only crictl takes it next).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Connects to crictl's forwarding listener once it is up.
+fn connect_forwarded(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "crictl port-forward never listened: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The bytes `seq 1 n` prints.
+fn seq_bytes(n: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        v.extend_from_slice(format!("{i}\n").as_bytes());
+    }
+    v
+}
+
+async fn crictl_port_forward_integrity_concurrency_and_refused(b: Backend) {
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    // 9000: ~64 MB out of the pod; 9001: whatever comes in, hashed (its
+    // stdin stays open: client-go ends a forwarded connection as soon as
+    // the pod's side closes, so a half-closed upload needs a server that
+    // does not close first); 8080: an HTTP server for concurrent
+    // connections.
+    const N: u32 = 8_000_000;
+    let script = format!(
+        "mkdir -p /www && echo forwarded > /www/index.html && httpd -p 8080 -h /www; \
+         (seq 1 {N} | nc -l -p 9000) & \
+         (sleep 3600 | nc -l -p 9001 | sha256sum > /tmp/up.sum) & \
+         sleep 3600"
+    );
+    let (pod, c) = pod_with(
+        &mut cri,
+        &d,
+        "forward",
+        container_config("srv", &["sh", "-c"], &[&script]),
+    )
+    .await;
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let mut forward = crictl(&d)
+        .args([
+            "port-forward",
+            &pod,
+            &format!("{}:9000", ports[0]),
+            &format!("{}:9001", ports[1]),
+            &format!("{}:8080", ports[2]),
+            &format!("{}:9999", ports[3]),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("crictl port-forward");
+
+    // Out of the pod, in order and complete.
+    let started = Instant::now();
+    let p = ports[0];
+    let down = tokio::task::spawn_blocking(move || {
+        let mut s = connect_forwarded(p);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("reading the forwarded port");
+        got
+    })
+    .await
+    .unwrap();
+    let expected = seq_bytes(N);
+    assert_eq!(down.len(), expected.len(), "bytes out of the pod");
+    assert!(
+        Sha256::digest(&down) == Sha256::digest(&expected),
+        "the bytes out of the pod differ"
+    );
+    eprintln!(
+        "port-forward: {} MB out of the pod in {:?}",
+        down.len() >> 20,
+        started.elapsed()
+    );
+
+    // Into the pod: 64 MiB of pseudo-random bytes, then a half-close.
+    let p = ports[1];
+    let sent_hash = tokio::task::spawn_blocking(move || {
+        let mut s = connect_forwarded(p);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        for _ in 0..1024 {
+            for b in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            hash.update(&buf);
+            s.write_all(&buf).expect("writing to the forwarded port");
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        hash.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exec(&mut cri, &c, &["cat", "/tmp/up.sum"], 30)
+            .await
+            .expect("cat");
+        let sum = String::from_utf8_lossy(&r.stdout).into_owned();
+        if sum.len() >= 64 {
+            assert_eq!(&sum[..64], sent_hash, "the bytes into the pod differ");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod never got the upload's end"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 32 connections at once, each a whole HTTP exchange.
+    let p = ports[2];
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        clients.push(tokio::task::spawn_blocking(move || {
+            let mut s = connect_forwarded(p);
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).expect("an HTTP response");
+            got
+        }));
+    }
+    for c in clients {
+        let got = c.await.unwrap();
+        assert!(
+            got.starts_with("HTTP/1.") && got.ends_with("forwarded\n"),
+            "{got:?}"
+        );
+    }
+
+    // Nothing listens on 9999: the error reaches the client and the
+    // connection ends instead of hanging.
+    let p = ports[3];
+    tokio::task::spawn_blocking(move || {
+        let mut s = connect_forwarded(p);
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    })
+    .await
+    .unwrap();
+    let _ = forward.start_kill();
+    let out = forward.wait_with_output().await.expect("crictl output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("9999") && stderr.to_lowercase().contains("refused"),
+        "the dial error reaches crictl: {stderr}"
+    );
+
+    assert_eq!(
+        code_of(
+            cri.port_forward(PortForwardRequest {
+                pod_sandbox_id: "nope".into(),
+                port: vec![80],
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
