@@ -10,4 +10,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 VMPOD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export VMPOD_ROOT
+# Cargo's target dir (CARGO_TARGET_DIR, relative to the workspace when relative).
+VMPOD_TARGET=${CARGO_TARGET_DIR:-$VMPOD_ROOT/target}
+case $VMPOD_TARGET in /*) ;; *) VMPOD_TARGET=$VMPOD_ROOT/$VMPOD_TARGET ;; esac
+export VMPOD_TARGET
 cd "$VMPOD_ROOT"

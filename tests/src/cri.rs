@@ -532,6 +532,20 @@ pub fn container_config(name: &str, command: &[&str], args: &[&str]) -> Containe
     }
 }
 
+/// `config` with a security context set by `f`.
+pub fn with_security(
+    mut config: ContainerConfig,
+    f: impl FnOnce(&mut LinuxContainerSecurityContext),
+) -> ContainerConfig {
+    let mut sc = LinuxContainerSecurityContext::default();
+    f(&mut sc);
+    config.linux = Some(LinuxContainerConfig {
+        security_context: Some(sc),
+        ..Default::default()
+    });
+    config
+}
+
 pub async fn create(cri: &mut Cri, pod: &str, config: ContainerConfig) -> String {
     cri.create_container(CreateContainerRequest {
         pod_sandbox_id: pod.into(),

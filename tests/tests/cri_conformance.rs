@@ -37,7 +37,8 @@ fn node_hostname() -> String {
 /// A pod with an empty hostname and a name longer than any hostname (as
 /// critest names its pods) runs and gets the node's hostname (as with
 /// containerd); stops and removes are idempotent, also for IDs that never
-/// existed; RunAsGroup without RunAsUser is InvalidArgument.
+/// existed; RunAsGroup without RunAsUser is InvalidArgument; the daemon's
+/// log, written to a file, has no colour codes.
 async fn kubelet_edge_cases_through_crictl(b: Backend) {
     let d = Daemon::on(b, "");
     let crictl = Crictl::new(&d);
@@ -134,6 +135,10 @@ async fn kubelet_edge_cases_through_crictl(b: Backend) {
     }
     let listed = crictl.ok(&["pods", "-q"]).await;
     assert!(listed.is_empty(), "{listed}");
+    // The daemon's stderr is a file here: plain text, no colour codes.
+    let log = d.log();
+    assert!(log.contains("pod sandbox ready"), "the daemon logs at info");
+    assert!(!log.contains('\x1b'), "ANSI escapes in a log file");
     assert_no_leaks(&d, &[pod]);
 }
 
@@ -143,19 +148,6 @@ const FACTS: &str = "grep -E '^(Uid|Gid|Groups|NoNewPrivs|Seccomp|Seccomp_filter
      cat /proc/self/cgroup; \
      for n in cgroup ipc mnt net pid uts; do readlink /proc/self/ns/$n; done; \
      cat /proc/self/attr/current 2>/dev/null || echo no-lsm-label";
-
-fn with_security(
-    mut config: ContainerConfig,
-    f: impl FnOnce(&mut LinuxContainerSecurityContext),
-) -> ContainerConfig {
-    let mut sc = LinuxContainerSecurityContext::default();
-    f(&mut sc);
-    config.linux = Some(LinuxContainerConfig {
-        security_context: Some(sc),
-        ..Default::default()
-    });
-    config
-}
 
 /// Regression test for exec'd processes escaping the container's seccomp
 /// profile (libcontainer's tenant builder dropped it): a process started by

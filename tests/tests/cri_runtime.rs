@@ -1115,19 +1115,6 @@ async fn a_chatty_container_survives_a_restart_and_keeps_logging(b: Backend) {
     assert_no_leaks(&d, &[pod]);
 }
 
-fn with_security(
-    mut config: ContainerConfig,
-    f: impl FnOnce(&mut LinuxContainerSecurityContext),
-) -> ContainerConfig {
-    let mut sc = LinuxContainerSecurityContext::default();
-    f(&mut sc);
-    config.linux = Some(LinuxContainerConfig {
-        security_context: Some(sc),
-        ..Default::default()
-    });
-    config
-}
-
 /// A pod config with these namespace options.
 fn pod_with_namespaces(d: &Daemon, name: &str, ns: NamespaceOption) -> PodSandboxConfig {
     let mut config = pod_config(d, name, &[]);

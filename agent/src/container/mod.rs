@@ -796,6 +796,17 @@ impl Manager {
             .ok_or_else(|| {
                 ContainerError::NotFound(format!("process {exec_id:?} not found in {id:?}"))
             })?;
+        self.end(&p).await;
+        let dir = c.dir.join("exec").join(exec_id);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await
+            .ok();
+        Ok(())
+    }
+
+    /// Kills a process that still runs (waiting, bounded, for its exit)
+    /// and drops its entry in the process table.
+    async fn end(&self, p: &Proc) {
         if p.exited().is_none() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(p.pid),
@@ -804,11 +815,6 @@ impl Manager {
             let _ = tokio::time::timeout(KILL_TIMEOUT, process::wait(p.exit.clone())).await;
         }
         self.table.forget(p.pid);
-        let dir = c.dir.join("exec").join(exec_id);
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
-            .await
-            .ok();
-        Ok(())
     }
 
     /// RemoveContainer: kills whatever runs, then frees everything.
@@ -830,14 +836,7 @@ impl Manager {
             .cloned()
             .collect();
         for p in &procs {
-            if p.exited().is_none() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p.pid),
-                    nix::sys::signal::SIGKILL,
-                );
-                let _ = tokio::time::timeout(KILL_TIMEOUT, process::wait(p.exit.clone())).await;
-            }
-            self.table.forget(p.pid);
+            self.end(p).await;
         }
         self.delete_libcontainer(id);
         c.mounted.unmount();
