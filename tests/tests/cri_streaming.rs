@@ -2,7 +2,8 @@
 //! `crictl` (../shared/tools/crictl, client-go's SPDY clients, exactly as
 //! the kubelet's), against a real `vmpod serve`, on host pods and on VM
 //! pods (QEMU TCG); plus the streaming server's HTTP edge cases with a raw
-//! client. Needs root, crictl and `script` (util-linux); VM pods need QEMU
+//! client, and exec over WebSocket with a Rust client (tokio-tungstenite).
+//! Needs root, crictl and `script` (util-linux); VM pods need QEMU
 //! and vhost-device-vsock. Missing prerequisites fail loudly.
 
 use std::io::{Read, Write};
@@ -44,6 +45,7 @@ on_both_backends!(
     crictl_exec_stdin_exit_codes_tty_and_vanishing_clients,
     crictl_attach_with_stdin_once,
     crictl_port_forward_integrity_concurrency_and_refused,
+    websocket_exec_v5_v4_and_base64,
 );
 
 /// The stock crictl (`VMPOD_CRICTL` overrides).
@@ -553,6 +555,148 @@ async fn crictl_port_forward_integrity_concurrency_and_refused(b: Backend) {
         ),
         Code::NotFound
     );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+/// An Exec URL for `cmd` with the given streams.
+async fn exec_url(cri: &mut Cri, c: &str, cmd: &[&str], stdin: bool, stderr: bool) -> String {
+    cri.exec(ExecRequest {
+        container_id: c.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin,
+        stdout: true,
+        stderr,
+    })
+    .await
+    .expect("Exec")
+    .into_inner()
+    .url
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn ws_connect(
+    url: &str,
+    protocol: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (addr, _) = split_url(url);
+    let mut req = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .expect("a ws request");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connecting");
+    tokio_tungstenite::client_async(req, tcp)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Every message until the server closes: (channel, data) in order.
+async fn ws_collect(ws: &mut Ws) -> Vec<(u8, Vec<u8>)> {
+    use base64::Engine;
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut got = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+            .await
+            .expect("a message in time");
+        match msg {
+            Some(Ok(Message::Binary(b))) => got.push((b[0], b[1..].to_vec())),
+            Some(Ok(Message::Text(t))) => {
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(&t.as_str()[1..])
+                    .expect("base64");
+                got.push((t.as_bytes()[0] - b'0', data));
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return got,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn channel(got: &[(u8, Vec<u8>)], ch: u8) -> Vec<u8> {
+    got.iter()
+        .filter(|(c, _)| *c == ch)
+        .flat_map(|(_, d)| d.clone())
+        .collect()
+}
+
+async fn websocket_exec_v5_v4_and_base64(b: Backend) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let (pod, c) = pod_with(
+        &mut cri,
+        &d,
+        "ws",
+        container_config("main", &["sleep", "3600"], &[]),
+    )
+    .await;
+
+    // v5: stdin, its half-close by the close signal, the exit code.
+    let url = exec_url(
+        &mut cri,
+        &c,
+        &["sh", "-c", "cat; echo err >&2; exit 3"],
+        true,
+        true,
+    )
+    .await;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io")
+        .await
+        .expect("v5 upgrade");
+    ws.send(Message::Binary(b"\x00hello ws\n".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(vec![255, 0].into())).await.unwrap();
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(
+        got.first(),
+        Some(&(1, Vec::new())),
+        "the ready message first: {got:?}"
+    );
+    assert_eq!(channel(&got, 1), b"hello ws\n");
+    assert_eq!(channel(&got, 2), b"err\n");
+    let status: serde_json::Value =
+        serde_json::from_slice(&channel(&got, 3)).expect("a JSON status");
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+
+    // v4: success is a Success status.
+    let url = exec_url(&mut cri, &c, &["echo", "v4"], false, false).await;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io")
+        .await
+        .expect("v4 upgrade");
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(channel(&got, 1), b"v4\n");
+    let status: serde_json::Value =
+        serde_json::from_slice(&channel(&got, 3)).expect("a JSON status");
+    assert_eq!(status["status"], "Success", "{status}");
+
+    // base64: text frames, and (before v4) nothing on the error channel
+    // for a success.
+    let url = exec_url(&mut cri, &c, &["echo", "b64"], false, false).await;
+    let mut ws = ws_connect(&url, "base64.channel.k8s.io")
+        .await
+        .expect("base64 upgrade");
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(channel(&got, 1), b"b64\n");
+    assert!(channel(&got, 3).is_empty(), "{got:?}");
+
+    // An unknown sub-protocol is refused, and the token is spent.
+    let url = exec_url(&mut cri, &c, &["true"], false, false).await;
+    assert!(ws_connect(&url, "v99.channel.k8s.io").await.is_err());
+    assert!(ws_connect(&url, "v5.channel.k8s.io").await.is_err());
+
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }

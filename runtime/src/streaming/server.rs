@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use super::remotecommand::Protocol;
 use super::spdy::conn::{self, Limits};
-use super::{Session, StreamingServer, portforward, remotecommand};
+use super::{Session, StreamingServer, portforward, remotecommand, websocket};
 
 /// Connections (upgraded sessions included) served at once.
 const MAX_CONNECTIONS: usize = 1024;
@@ -116,6 +116,9 @@ impl StreamingServer {
             return plain(StatusCode::NOT_FOUND, "unknown or expired token");
         }
         let is_upgrade = header_has(&req, CONNECTION, "upgrade");
+        if is_upgrade && header_has(&req, UPGRADE, "websocket") {
+            return self.upgrade_websocket(req, session, permit);
+        }
         if !is_upgrade || !header_has(&req, UPGRADE, "spdy/3.1") {
             return plain(
                 StatusCode::BAD_REQUEST,
@@ -185,6 +188,81 @@ impl StreamingServer {
         h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
         h.insert(PROTOCOL_HEADER, HeaderValue::from_static(chosen));
+        r
+    }
+
+    /// The WebSocket upgrade (RFC 6455) for exec and attach.
+    fn upgrade_websocket(
+        &self,
+        mut req: Request<Incoming>,
+        session: Session,
+        permit: &PermitSlot,
+    ) -> Response<Body> {
+        if matches!(session, Session::PortForward(_)) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "port-forward over WebSocket is not served; use SPDY/3.1",
+            );
+        }
+        let Some(key) = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| k.as_bytes().to_vec())
+        else {
+            return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is required");
+        };
+        let offered: Vec<String> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let chosen: &'static str = if offered.is_empty() {
+            ""
+        } else {
+            match offered
+                .iter()
+                .find_map(|o| websocket::NAMES.iter().find(|n| **n == o))
+            {
+                Some(n) => n,
+                None => {
+                    return plain(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "unable to negotiate a WebSocket sub-protocol: client supports \
+                             {offered:?}, server accepts {:?}",
+                            websocket::NAMES
+                        ),
+                    );
+                }
+            }
+        };
+        let Some(protocol) = websocket::WsProtocol::from_name(chosen) else {
+            return plain(StatusCode::FORBIDDEN, "unknown sub-protocol");
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match on_upgrade.await {
+                Ok(io) => websocket::serve(session, protocol, TokioIo::new(io)).await,
+                Err(e) => tracing::info!(error = %e, "a WebSocket upgrade failed"),
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        if !chosen.is_empty() {
+            h.insert("sec-websocket-protocol", HeaderValue::from_static(chosen));
+        }
         r
     }
 }

@@ -150,13 +150,12 @@ impl ConnHandle {
     /// Resolves once the connection is gone: the client closed or vanished,
     /// it was idle too long, or it broke the protocol.
     pub async fn closed(&self) {
-        let mut closed = self.closed.clone();
-        let _ = closed.wait_for(|&c| c).await;
+        self.gone().wait().await
     }
 
-    /// Whether [`ConnHandle::closed`] has resolved.
-    pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+    /// The same signal, for sessions that do not know the transport.
+    pub fn gone(&self) -> crate::streaming::Gone {
+        crate::streaming::Gone(self.closed.clone())
     }
 
     /// Ends the connection gracefully: GOAWAY after every frame queued so
