@@ -131,6 +131,25 @@ impl Cri {
                 })
             }
         );
+        // The agent keeps an exec's state until told: release it once the
+        // process is gone (after the kill above, if it timed out), in a task
+        // of its own so a caller that stops waiting cannot skip it.
+        let mut c = client.clone();
+        let (id, eid) = (rec.id.clone(), exec_id.clone());
+        tokio::spawn(async move {
+            let mut wait = tonic::Request::new(agent::WaitProcessRequest {
+                container_id: id.clone(),
+                exec_id: eid.clone(),
+            });
+            wait.set_timeout(Duration::from_secs(10));
+            let _ = c.wait_process(wait).await;
+            let _ = c
+                .release_process(agent::ReleaseProcessRequest {
+                    container_id: id,
+                    exec_id: eid,
+                })
+                .await;
+        });
         match exit.map_err(CriError::agent("WaitProcess"))? {
             Some(exit) => Ok(ExecSyncResponse {
                 stdout,
