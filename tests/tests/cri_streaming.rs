@@ -45,7 +45,7 @@ on_both_backends!(
     crictl_exec_stdin_exit_codes_tty_and_vanishing_clients,
     crictl_attach_with_stdin_once,
     crictl_port_forward_integrity_concurrency_and_refused,
-    websocket_exec_v5_v4_and_base64,
+    websocket_exec_and_port_forward,
 );
 
 /// The stock crictl (`VMPOD_CRICTL` overrides).
@@ -628,7 +628,7 @@ fn channel(got: &[(u8, Vec<u8>)], ch: u8) -> Vec<u8> {
         .collect()
 }
 
-async fn websocket_exec_v5_v4_and_base64(b: Backend) {
+async fn websocket_exec_and_port_forward(b: Backend) {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let d = Daemon::on(b, "");
@@ -696,6 +696,47 @@ async fn websocket_exec_v5_v4_and_base64(b: Backend) {
     let url = exec_url(&mut cri, &c, &["true"], false, false).await;
     assert!(ws_connect(&url, "v99.channel.k8s.io").await.is_err());
     assert!(ws_connect(&url, "v5.channel.k8s.io").await.is_err());
+
+    // Port-forward over WebSocket: data on channel 0, errors on 1, each
+    // opened with the port (little endian).
+    exec(
+        &mut cri,
+        &c,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo ws-forwarded > /www/index.html && httpd -p 8080 -h /www",
+        ],
+        30,
+    )
+    .await
+    .expect("starting httpd");
+    let url = cri
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![8080],
+        })
+        .await
+        .expect("PortForward")
+        .into_inner()
+        .url;
+    let mut ws = ws_connect(&format!("{url}?port=8080"), "v4.channel.k8s.io")
+        .await
+        .expect("port-forward upgrade");
+    ws.send(Message::Binary(
+        b"\x00GET /index.html HTTP/1.0\r\n\r\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    let got = ws_collect(&mut ws).await;
+    let data = channel(&got, 0);
+    assert_eq!(&data[..2], &8080u16.to_le_bytes(), "{got:?}");
+    let text = String::from_utf8_lossy(&data[2..]).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.") && text.ends_with("ws-forwarded\n"),
+        "{text:?}"
+    );
+    assert_eq!(channel(&got, 1), 8080u16.to_le_bytes(), "no error: {got:?}");
 
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);

@@ -10,9 +10,8 @@
 //!                 SignalProcess, ReleaseProcess, AttachOutput, PortForward
 //! ```
 //!
-//! Exec and attach speak SPDY/3.1 and WebSocket (channel.k8s.io v1, v4, v5
-//! and base64); port-forward speaks SPDY/3.1 only (WebSocket port-forward
-//! is not served yet). Tokens are single-use and live one minute; an
+//! Exec, attach and port-forward speak SPDY/3.1 and WebSocket
+//! (channel.k8s.io v1, v4, v5 and base64). Tokens are single-use and live one minute; an
 //! unknown, used or expired token is a 404. TLS is not served yet: the default listen address is
 //! loopback, where the kubelet (or crictl) on the node reaches it.
 

@@ -198,12 +198,18 @@ impl StreamingServer {
         session: Session,
         permit: &PermitSlot,
     ) -> Response<Body> {
-        if matches!(session, Session::PortForward(_)) {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "port-forward over WebSocket is not served; use SPDY/3.1",
-            );
-        }
+        let forward_ports = match &session {
+            Session::PortForward(pf) => match ws_ports(&req, &pf.ports) {
+                Ok(p) => Some(p),
+                Err(msg) => return plain(StatusCode::BAD_REQUEST, msg),
+            },
+            _ => None,
+        };
+        let names: &[&str] = if forward_ports.is_some() {
+            websocket::PORT_FORWARD_NAMES
+        } else {
+            websocket::NAMES
+        };
         let Some(key) = req
             .headers()
             .get("sec-websocket-key")
@@ -222,18 +228,14 @@ impl StreamingServer {
         let chosen: &'static str = if offered.is_empty() {
             ""
         } else {
-            match offered
-                .iter()
-                .find_map(|o| websocket::NAMES.iter().find(|n| **n == o))
-            {
+            match offered.iter().find_map(|o| names.iter().find(|n| **n == o)) {
                 Some(n) => n,
                 None => {
                     return plain(
                         StatusCode::FORBIDDEN,
                         format!(
                             "unable to negotiate a WebSocket sub-protocol: client supports \
-                             {offered:?}, server accepts {:?}",
-                            websocket::NAMES
+                             {offered:?}, server accepts {names:?}"
                         ),
                     );
                 }
@@ -246,9 +248,15 @@ impl StreamingServer {
         let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
         tokio::spawn(async move {
             let _permit = permit;
-            match on_upgrade.await {
-                Ok(io) => websocket::serve(session, protocol, TokioIo::new(io)).await,
-                Err(e) => tracing::info!(error = %e, "a WebSocket upgrade failed"),
+            let io = match on_upgrade.await {
+                Ok(io) => TokioIo::new(io),
+                Err(e) => return tracing::info!(error = %e, "a WebSocket upgrade failed"),
+            };
+            match (session, forward_ports) {
+                (Session::PortForward(pf), Some(ports)) => {
+                    websocket::serve_port_forward(pf, ports, protocol, io).await
+                }
+                (session, _) => websocket::serve(session, protocol, io).await,
             }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -265,4 +273,29 @@ impl StreamingServer {
         }
         r
     }
+}
+
+/// The `port` query parameters of a WebSocket port-forward, each allowed by
+/// the CRI request (when it named any).
+fn ws_ports(req: &Request<Incoming>, allowed: &[u16]) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for pair in req.uri().query().unwrap_or("").split('&') {
+        if let Some(v) = pair.strip_prefix("port=") {
+            let port = v
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("invalid port {v:?}"))?;
+            if !allowed.is_empty() && !allowed.contains(&port) {
+                return Err(format!(
+                    "port {port} was not asked for in the PortForward request"
+                ));
+            }
+            ports.push(port);
+        }
+    }
+    if ports.is_empty() || ports.len() > 64 {
+        return Err("between 1 and 64 port query parameters are required".into());
+    }
+    Ok(ports)
 }

@@ -10,6 +10,11 @@
 //!
 //! On open, an empty message on the lowest writable channel tells the
 //! client the session is up. Messages are bounded (1 MiB).
+//!
+//! Port-forward (`?port=P&port=Q`, sub-protocol "", `v4.channel.k8s.io` or
+//! `v4.base64.channel.k8s.io`): one forwarded connection per port, data on
+//! channel 2i and errors on 2i+1; each channel's first message is the port
+//! (u16, little endian).
 
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
@@ -20,7 +25,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::remotecommand::{self, Channels, Protocol, Sink};
-use super::{Gone, Session};
+use super::{Gone, PortForwardSession, Session};
+use crate::agent_client;
+use vmpod_proto::v1 as agent;
 
 /// Largest message accepted from a client.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -213,6 +220,146 @@ where
     drop(out_tx);
     let _ = writer.await;
     reader.abort();
+}
+
+/// The WebSocket sub-protocols served for port-forward.
+pub const PORT_FORWARD_NAMES: &[&str] = &["v4.channel.k8s.io", "v4.base64.channel.k8s.io"];
+
+/// Serves a port-forward on an upgraded WebSocket connection: one TCP
+/// connection per port in `ports`, relayed until every one has ended.
+pub(super) async fn serve_port_forward<IO>(
+    pf: PortForwardSession,
+    ports: Vec<u16>,
+    protocol: WsProtocol,
+    io: IO,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(MAX_MESSAGE);
+    config.max_frame_size = Some(MAX_MESSAGE);
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Vec<u8>)>(16);
+    let mut inputs = Vec::new();
+    let mut relays = tokio::task::JoinSet::new();
+    for (i, port) in ports.iter().copied().enumerate() {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+        inputs.push(Some(tx));
+        let data_ch = (2 * i) as u8;
+        let out = out_tx.clone();
+        let addr = pf.agent.clone();
+        let sandbox = pf.sandbox_id.clone();
+        relays.spawn(async move {
+            let _ = out.send((data_ch, port.to_le_bytes().to_vec())).await;
+            let _ = out.send((data_ch + 1, port.to_le_bytes().to_vec())).await;
+            if let Err(msg) = relay(addr, port, rx, data_ch, &out).await {
+                let msg = format!("error forwarding port {port} to pod {sandbox}: {msg}");
+                let _ = out.send((data_ch + 1, msg.into_bytes())).await;
+            }
+        });
+    }
+    drop(out_tx);
+    // Client → the relays' inputs (data channels only).
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            if matches!(msg, Message::Ping(_) | Message::Pong(_)) {
+                continue;
+            }
+            let Some((channel, data)) = protocol.decode(msg) else {
+                break;
+            };
+            let slot = usize::from(channel / 2);
+            if channel % 2 == 0 {
+                if let Some(Some(tx)) = inputs.get(slot) {
+                    if !data.is_empty() && tx.send(data).await.is_err() {
+                        inputs[slot] = None;
+                    }
+                }
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        while let Some((channel, data)) = out_rx.recv().await {
+            if sink.send(protocol.encode(channel, &data)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+        let _ = sink.close().await;
+    });
+    // Until every relay ended, or the client left (which ends them all).
+    let mut reader = reader;
+    tokio::select! {
+        () = async { while relays.join_next().await.is_some() {} } => reader.abort(),
+        _ = &mut reader => {}
+    }
+    drop(relays);
+    let _ = writer.await;
+}
+
+/// One forwarded connection: client bytes from `rx` to the pod, the pod's
+/// bytes to `data_ch`, until the pod closes its side (WebSocket has no
+/// half-close) or the client goes.
+async fn relay(
+    addr: agent_client::AgentAddr,
+    port: u16,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    data_ch: u8,
+    out: &mpsc::Sender<(u8, Vec<u8>)>,
+) -> Result<(), String> {
+    let mut agent = agent_client::connect_streaming(&addr, std::time::Duration::from_secs(10))
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    let (tx, req_rx) = mpsc::channel(2);
+    let _ = tx
+        .send(agent::PortForwardChunk {
+            port: u32::from(port),
+            data: Vec::new(),
+            closed: false,
+        })
+        .await;
+    let upstream = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            for piece in bytes.chunks(64 * 1024) {
+                let chunk = agent::PortForwardChunk {
+                    port: 0,
+                    data: piece.to_vec(),
+                    closed: false,
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let result = async {
+        let mut down = agent
+            .port_forward(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        loop {
+            match down.message().await {
+                Ok(Some(chunk)) => {
+                    if !chunk.data.is_empty() && out.send((data_ch, chunk.data)).await.is_err() {
+                        return Ok(());
+                    }
+                    if chunk.closed {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(s) => return Err(s.message().to_string()),
+            }
+        }
+    }
+    .await;
+    upstream.abort();
+    result
 }
 
 #[cfg(test)]
