@@ -43,7 +43,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     crictl_exec_stdin_exit_codes_tty_and_vanishing_clients,
-    crictl_attach_with_stdin_once,
+    crictl_attach_stdin_once_and_concurrent_detach,
     crictl_port_forward_integrity_concurrency_and_refused,
     websocket_exec_and_port_forward,
 );
@@ -347,7 +347,7 @@ fn upgrade(addr: &str, path: &str, protocol: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"))
 }
 
-async fn crictl_attach_with_stdin_once(b: Backend) {
+async fn crictl_attach_stdin_once_and_concurrent_detach(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let mut config = container_config("cat", &["cat"], &[]);
@@ -364,6 +364,48 @@ async fn crictl_attach_with_stdin_once(b: Backend) {
     // The log has it too: attach output is a copy of the log pump's.
     let lines = log_lines(&d.log_root().join("attach/cat/0.log"), 1).await;
     assert!(lines[0].ends_with("hello attach"), "{lines:?}");
+
+    // Two attaches at once to a chatty container; detaching (the client
+    // going away) leaves it running.
+    let ticker = create(
+        &mut cri,
+        &pod,
+        container_config(
+            "ticker",
+            &["sh", "-c"],
+            &["i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done"],
+        ),
+    )
+    .await;
+    start(&mut cri, &ticker).await;
+    let mut attached = Vec::new();
+    for _ in 0..2 {
+        attached.push(
+            crictl(&d)
+                .args(["attach", &ticker])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("crictl attach"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for mut a in attached {
+        a.start_kill().expect("detaching");
+        let out = a.wait_with_output().await.expect("crictl attach output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.matches("tick ").count() >= 3,
+            "each attach sees the output: {text:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status(&mut cri, &ticker).await.state,
+        ContainerState::ContainerRunning as i32,
+        "detaching does not stop the container"
+    );
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }
