@@ -176,10 +176,13 @@ async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
     assert_eq!(code, 0, "{err}");
 
     // A terminal: crictl sends its size (set under script's pty), the
-    // process sees it.
+    // process sees it, and a resize mid-session (the pty changes size,
+    // crictl gets SIGWINCH) reaches it too. The first size arrives just
+    // after the process starts, hence the sleep.
     let cmd = format!(
-        "stty rows 33 cols 77; {} --runtime-endpoint unix://{sock} --image-endpoint unix://{sock} \
-         exec -it {c} sh -c 'sleep 1; stty size; tty'",
+        "stty rows 33 cols 77; (sleep 3; stty rows 44 cols 88 < /dev/tty) & \
+         {} --runtime-endpoint unix://{sock} --image-endpoint unix://{sock} \
+         exec -it {c} sh -c 'sleep 1; stty size; sleep 4; stty size; tty'",
         crictl_path().display(),
         sock = d.socket.display(),
     );
@@ -195,8 +198,9 @@ async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
     .expect("script");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "crictl exec -it: {text}");
+    assert!(text.contains("33 77"), "the size reached the tty: {text:?}");
     assert!(
-        text.contains("33 77"),
+        text.contains("44 88"),
         "the resize reached the tty: {text:?}"
     );
     assert!(text.contains("/dev/pts/"), "a terminal: {text:?}");
