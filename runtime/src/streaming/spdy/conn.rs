@@ -495,10 +495,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 .encode(&mut buf),
                 Out::Data { id, data, fin } => {
                     let mut t = lock(&table);
-                    let live = t
-                        .get(&id)
-                        .is_some_and(|e| !e.local_fin && !e.state.reset.load(Ordering::SeqCst));
-                    if live {
+                    // Data for a stream that was reset or ended is dropped.
+                    if let Some(entry) = t
+                        .get_mut(&id)
+                        .filter(|e| !e.local_fin && !e.state.reset.load(Ordering::SeqCst))
+                    {
                         Frame::Data {
                             stream_id: id,
                             flags: if fin { FLAG_FIN } else { 0 },
@@ -506,7 +507,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         }
                         .encode(&mut buf);
                         if fin {
-                            let entry = t.get_mut(&id).expect("checked above");
                             entry.local_fin = true;
                             if entry.data.is_none() {
                                 t.remove(&id);
