@@ -414,6 +414,31 @@ async fn crictl_attach_stdin_once_and_concurrent_detach(b: Backend) {
     assert_no_leaks(&d, &[pod]);
 }
 
+/// Polls the pod's /proc/net/tcp until every port listens.
+async fn wait_listening(cri: &mut Cri, c: &str, ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = exec(cri, c, &["cat", "/proc/net/tcp", "/proc/net/tcp6"], 30)
+            .await
+            .expect("reading /proc/net/tcp");
+        let table = String::from_utf8_lossy(&r.stdout).into_owned();
+        let listening = |port: u16| {
+            let local = format!(":{port:04X} ");
+            table
+                .lines()
+                .any(|l| l.contains(&local) && l.split_whitespace().nth(3) == Some("0A"))
+        };
+        if ports.iter().all(|&p| listening(p)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ports:?} never listened:\n{table}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A free local TCP port (racy, but only crictl takes it next).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -468,6 +493,9 @@ async fn crictl_port_forward_integrity_concurrency_and_refused(b: Backend) {
         container_config("srv", &["sh", "-c"], &[&script]),
     )
     .await;
+    // The servers listen before anything connects (a VM pod is slow to
+    // get there; a refused dial would end the forwarded connection).
+    wait_listening(&mut cri, &c, &[9000, 9001, 8080]).await;
     let ports = [free_port(), free_port(), free_port(), free_port()];
     let mut forward = crictl(&d)
         .args([
@@ -757,6 +785,7 @@ async fn websocket_exec_and_port_forward(b: Backend) {
     )
     .await
     .expect("starting httpd");
+    wait_listening(&mut cri, &c, &[8080]).await;
     let url = cri
         .port_forward(PortForwardRequest {
             pod_sandbox_id: pod.clone(),
