@@ -699,7 +699,21 @@ async fn error_codes(b: Backend) {
             })
             .await
         ),
-        Code::Unimplemented
+        Code::InvalidArgument,
+        "an exec with none of stdin, stdout and stderr"
+    );
+    assert_eq!(
+        code(
+            cri.exec(ExecRequest {
+                container_id: c.clone(),
+                cmd: vec!["sh".into()],
+                stdout: true,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::FailedPrecondition,
+        "an exec in a container that is not running"
     );
     cri.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: pod.clone(),

@@ -2,7 +2,8 @@
 //! `crictl` (../shared/tools/crictl, client-go's SPDY clients, exactly as
 //! the kubelet's), against a real `vmpod serve`, on host pods and on VM
 //! pods (QEMU TCG); plus the streaming server's HTTP edge cases with a raw
-//! client. Needs root, crictl and `script` (util-linux); VM pods need QEMU
+//! client, and exec over WebSocket with a Rust client (tokio-tungstenite).
+//! Needs root, crictl and `script` (util-linux); VM pods need QEMU
 //! and vhost-device-vsock. Missing prerequisites fail loudly.
 
 use std::io::{Read, Write};
@@ -42,8 +43,9 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     crictl_exec_stdin_exit_codes_tty_and_vanishing_clients,
-    crictl_attach_with_stdin_once,
+    crictl_attach_stdin_once_and_concurrent_detach,
     crictl_port_forward_integrity_concurrency_and_refused,
+    websocket_exec_and_port_forward,
 );
 
 /// The stock crictl (`VMPOD_CRICTL` overrides).
@@ -174,10 +176,13 @@ async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
     assert_eq!(code, 0, "{err}");
 
     // A terminal: crictl sends its size (set under script's pty), the
-    // process sees it.
+    // process sees it, and a resize mid-session (the pty changes size,
+    // crictl gets SIGWINCH) reaches it too. The first size arrives just
+    // after the process starts, hence the sleep.
     let cmd = format!(
-        "stty rows 33 cols 77; {} --runtime-endpoint unix://{sock} --image-endpoint unix://{sock} \
-         exec -it {c} sh -c 'sleep 1; stty size; tty'",
+        "stty rows 33 cols 77; (sleep 3; stty rows 44 cols 88 < /dev/tty) & \
+         {} --runtime-endpoint unix://{sock} --image-endpoint unix://{sock} \
+         exec -it {c} sh -c 'sleep 1; stty size; sleep 4; stty size; tty'",
         crictl_path().display(),
         sock = d.socket.display(),
     );
@@ -193,8 +198,9 @@ async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
     .expect("script");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "crictl exec -it: {text}");
+    assert!(text.contains("33 77"), "the size reached the tty: {text:?}");
     assert!(
-        text.contains("33 77"),
+        text.contains("44 88"),
         "the resize reached the tty: {text:?}"
     );
     assert!(text.contains("/dev/pts/"), "a terminal: {text:?}");
@@ -345,7 +351,7 @@ fn upgrade(addr: &str, path: &str, protocol: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"))
 }
 
-async fn crictl_attach_with_stdin_once(b: Backend) {
+async fn crictl_attach_stdin_once_and_concurrent_detach(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let mut config = container_config("cat", &["cat"], &[]);
@@ -362,8 +368,75 @@ async fn crictl_attach_with_stdin_once(b: Backend) {
     // The log has it too: attach output is a copy of the log pump's.
     let lines = log_lines(&d.log_root().join("attach/cat/0.log"), 1).await;
     assert!(lines[0].ends_with("hello attach"), "{lines:?}");
+
+    // Two attaches at once to a chatty container; detaching (the client
+    // going away) leaves it running.
+    let ticker = create(
+        &mut cri,
+        &pod,
+        container_config(
+            "ticker",
+            &["sh", "-c"],
+            &["i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done"],
+        ),
+    )
+    .await;
+    start(&mut cri, &ticker).await;
+    let mut attached = Vec::new();
+    for _ in 0..2 {
+        attached.push(
+            crictl(&d)
+                .args(["attach", &ticker])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("crictl attach"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for mut a in attached {
+        a.start_kill().expect("detaching");
+        let out = a.wait_with_output().await.expect("crictl attach output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.matches("tick ").count() >= 3,
+            "each attach sees the output: {text:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status(&mut cri, &ticker).await.state,
+        ContainerState::ContainerRunning as i32,
+        "detaching does not stop the container"
+    );
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
+}
+
+/// Polls the pod's /proc/net/tcp until every port listens.
+async fn wait_listening(cri: &mut Cri, c: &str, ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = exec(cri, c, &["cat", "/proc/net/tcp", "/proc/net/tcp6"], 30)
+            .await
+            .expect("reading /proc/net/tcp");
+        let table = String::from_utf8_lossy(&r.stdout).into_owned();
+        let listening = |port: u16| {
+            let local = format!(":{port:04X} ");
+            table
+                .lines()
+                .any(|l| l.contains(&local) && l.split_whitespace().nth(3) == Some("0A"))
+        };
+        if ports.iter().all(|&p| listening(p)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ports:?} never listened:\n{table}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A free local TCP port (racy, but only crictl takes it next).
@@ -420,6 +493,9 @@ async fn crictl_port_forward_integrity_concurrency_and_refused(b: Backend) {
         container_config("srv", &["sh", "-c"], &[&script]),
     )
     .await;
+    // The servers listen before anything connects (a VM pod is slow to
+    // get there; a refused dial would end the forwarded connection).
+    wait_listening(&mut cri, &c, &[9000, 9001, 8080]).await;
     let ports = [free_port(), free_port(), free_port(), free_port()];
     let mut forward = crictl(&d)
         .args([
@@ -553,6 +629,190 @@ async fn crictl_port_forward_integrity_concurrency_and_refused(b: Backend) {
         ),
         Code::NotFound
     );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+/// An Exec URL for `cmd` with the given streams.
+async fn exec_url(cri: &mut Cri, c: &str, cmd: &[&str], stdin: bool, stderr: bool) -> String {
+    cri.exec(ExecRequest {
+        container_id: c.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: false,
+        stdin,
+        stdout: true,
+        stderr,
+    })
+    .await
+    .expect("Exec")
+    .into_inner()
+    .url
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn ws_connect(
+    url: &str,
+    protocol: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (addr, _) = split_url(url);
+    let mut req = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .expect("a ws request");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connecting");
+    tokio_tungstenite::client_async(req, tcp)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Every message until the server closes: (channel, data) in order.
+async fn ws_collect(ws: &mut Ws) -> Vec<(u8, Vec<u8>)> {
+    use base64::Engine;
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut got = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+            .await
+            .expect("a message in time");
+        match msg {
+            Some(Ok(Message::Binary(b))) => got.push((b[0], b[1..].to_vec())),
+            Some(Ok(Message::Text(t))) => {
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(&t.as_str()[1..])
+                    .expect("base64");
+                got.push((t.as_bytes()[0] - b'0', data));
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return got,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn channel(got: &[(u8, Vec<u8>)], ch: u8) -> Vec<u8> {
+    got.iter()
+        .filter(|(c, _)| *c == ch)
+        .flat_map(|(_, d)| d.clone())
+        .collect()
+}
+
+async fn websocket_exec_and_port_forward(b: Backend) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let (pod, c) = pod_with(
+        &mut cri,
+        &d,
+        "ws",
+        container_config("main", &["sleep", "3600"], &[]),
+    )
+    .await;
+
+    // v5: stdin, its half-close by the close signal, the exit code.
+    let url = exec_url(
+        &mut cri,
+        &c,
+        &["sh", "-c", "cat; echo err >&2; exit 3"],
+        true,
+        true,
+    )
+    .await;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io")
+        .await
+        .expect("v5 upgrade");
+    ws.send(Message::Binary(b"\x00hello ws\n".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(vec![255, 0].into())).await.unwrap();
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(
+        got.first(),
+        Some(&(1, Vec::new())),
+        "the ready message first: {got:?}"
+    );
+    assert_eq!(channel(&got, 1), b"hello ws\n");
+    assert_eq!(channel(&got, 2), b"err\n");
+    let status: serde_json::Value =
+        serde_json::from_slice(&channel(&got, 3)).expect("a JSON status");
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+
+    // v4: success is a Success status.
+    let url = exec_url(&mut cri, &c, &["echo", "v4"], false, false).await;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io")
+        .await
+        .expect("v4 upgrade");
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(channel(&got, 1), b"v4\n");
+    let status: serde_json::Value =
+        serde_json::from_slice(&channel(&got, 3)).expect("a JSON status");
+    assert_eq!(status["status"], "Success", "{status}");
+
+    // base64: text frames, and (before v4) nothing on the error channel
+    // for a success.
+    let url = exec_url(&mut cri, &c, &["echo", "b64"], false, false).await;
+    let mut ws = ws_connect(&url, "base64.channel.k8s.io")
+        .await
+        .expect("base64 upgrade");
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(channel(&got, 1), b"b64\n");
+    assert!(channel(&got, 3).is_empty(), "{got:?}");
+
+    // An unknown sub-protocol is refused, and the token is spent.
+    let url = exec_url(&mut cri, &c, &["true"], false, false).await;
+    assert!(ws_connect(&url, "v99.channel.k8s.io").await.is_err());
+    assert!(ws_connect(&url, "v5.channel.k8s.io").await.is_err());
+
+    // Port-forward over WebSocket: data on channel 0, errors on 1, each
+    // opened with the port (little endian).
+    exec(
+        &mut cri,
+        &c,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo ws-forwarded > /www/index.html && httpd -p 8080 -h /www",
+        ],
+        30,
+    )
+    .await
+    .expect("starting httpd");
+    wait_listening(&mut cri, &c, &[8080]).await;
+    let url = cri
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![8080],
+        })
+        .await
+        .expect("PortForward")
+        .into_inner()
+        .url;
+    let mut ws = ws_connect(&format!("{url}?port=8080"), "v4.channel.k8s.io")
+        .await
+        .expect("port-forward upgrade");
+    ws.send(Message::Binary(
+        b"\x00GET /index.html HTTP/1.0\r\n\r\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    let got = ws_collect(&mut ws).await;
+    let data = channel(&got, 0);
+    assert_eq!(&data[..2], &8080u16.to_le_bytes(), "{got:?}");
+    let text = String::from_utf8_lossy(&data[2..]).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.") && text.ends_with("ws-forwarded\n"),
+        "{text:?}"
+    );
+    assert_eq!(channel(&got, 1), 8080u16.to_le_bytes(), "no error: {got:?}");
+
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }

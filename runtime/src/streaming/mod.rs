@@ -10,8 +10,9 @@
 //!                 SignalProcess, ReleaseProcess, AttachOutput, PortForward
 //! ```
 //!
-//! Tokens are single-use and live one minute; an unknown, used or expired
-//! token is a 404. TLS is not served yet: the default listen address is
+//! Exec, attach and port-forward speak SPDY/3.1 and WebSocket
+//! (channel.k8s.io v1, v4, v5 and base64). Tokens are single-use and live one minute; an
+//! unknown, used or expired token is a 404. TLS is not served yet: the default listen address is
 //! loopback, where the kubelet (or crictl) on the node reaches it.
 
 mod portforward;
@@ -19,6 +20,7 @@ mod remotecommand;
 mod server;
 pub mod spdy;
 pub mod token;
+mod websocket;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -158,6 +160,23 @@ impl Session {
             Session::Attach(_) => "attach",
             Session::PortForward(_) => "portforward",
         }
+    }
+}
+
+/// Whether the client of a session is gone (its connection closed, broke
+/// or idled out), whatever the transport.
+#[derive(Clone, Debug)]
+pub struct Gone(pub(crate) tokio::sync::watch::Receiver<bool>);
+
+impl Gone {
+    /// Resolves once the client is gone.
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|&g| g).await;
+    }
+
+    pub fn is_gone(&self) -> bool {
+        *self.0.borrow()
     }
 }
 

@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use vmpod_proto::v1 as agent;
 use vmpod_proto::v1::agent_client::AgentClient;
 
+use super::Gone;
 use super::spdy::conn::{ConnHandle, Stream, StreamWriter};
 use super::spdy::headers;
 use super::{AttachSession, ExecSession, Session};
@@ -200,12 +201,17 @@ pub(super) async fn serve_spdy(
     }
     // Streams opened later are refused by dropping them.
     tokio::spawn(async move { while incoming.recv().await.is_some() {} });
+    run(session, ch, protocol, &conn.gone()).await;
+    conn.shutdown().await;
+}
+
+/// Runs an exec or attach on a transport's channels.
+pub(super) async fn run(session: Session, ch: Channels, protocol: Protocol, gone: &Gone) {
     match session {
-        Session::Exec(e) => run_exec(e, ch, protocol, &conn).await,
-        Session::Attach(a) => run_attach(a, ch, protocol, &conn).await,
+        Session::Exec(e) => run_exec(e, ch, protocol, gone).await,
+        Session::Attach(a) => run_attach(a, ch, protocol, gone).await,
         Session::PortForward(_) => {}
     }
-    conn.shutdown().await;
 }
 
 async fn connect(addr: &AgentAddr) -> Result<AgentClient<Channel>, String> {
@@ -289,7 +295,7 @@ async fn pump_stdin(
     exec_id: String,
     mut rx: mpsc::Receiver<Vec<u8>>,
     close_at_end: bool,
-    conn: ConnHandle,
+    gone: Gone,
 ) {
     let (tx, chunks) = mpsc::channel(4);
     let first = agent::StdinChunk {
@@ -319,7 +325,7 @@ async fn pump_stdin(
     }
     drop(tx);
     let _ = call.await;
-    if close_at_end && !conn.is_closed() {
+    if close_at_end && !gone.is_gone() {
         let mut agent = agent;
         let _ = agent
             .close_stdin(with_deadline(agent::CloseStdinRequest {
@@ -450,7 +456,7 @@ impl Drop for ProcessGuard {
     }
 }
 
-async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, conn: &ConnHandle) {
+async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, gone: &Gone) {
     let agent = match connect(&s.agent).await {
         Ok(a) => a,
         Err(e) => return finish(&mut ch, protocol, Outcome::Error(e)).await,
@@ -505,7 +511,7 @@ async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, conn: &C
             exec_id.clone(),
             rx,
             true,
-            conn.clone(),
+            gone.clone(),
         ));
     }
     if let Some(rx) = ch.resize.take() {
@@ -518,13 +524,13 @@ async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, conn: &C
     }
     let exit = tokio::select! {
         r = wait_exit(agent.clone(), s.container_id.clone(), exec_id.clone()) => r,
-        () = conn.closed() => return, // the guard kills and releases
+        () = gone.wait() => return, // the guard kills and releases
     };
     guard.exited = exit.is_ok();
     let drained = async { while outputs.join_next().await.is_some() {} };
     tokio::select! {
         _ = tokio::time::timeout(OUTPUT_DRAIN, drained) => {}
-        () = conn.closed() => return,
+        () = gone.wait() => return,
     }
     drop(inputs);
     let outcome = match exit {
@@ -538,7 +544,7 @@ async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, conn: &C
     finish(&mut ch, protocol, outcome).await;
 }
 
-async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, conn: &ConnHandle) {
+async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, gone: &Gone) {
     let agent = match connect(&s.agent).await {
         Ok(a) => a,
         Err(e) => return finish(&mut ch, protocol, Outcome::Error(e)).await,
@@ -577,7 +583,7 @@ async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, conn
             String::new(),
             rx,
             s.stdin_once,
-            conn.clone(),
+            gone.clone(),
         ));
     }
     if let Some(rx) = ch.resize.take() {
@@ -600,7 +606,7 @@ async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, conn
                     status.message()
                 )),
             }),
-            () = conn.closed() => None,
+            () = gone.wait() => None,
         }
     };
     if let Some(Outcome::Success) = outcome {

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use super::remotecommand::Protocol;
 use super::spdy::conn::{self, Limits};
-use super::{Session, StreamingServer, portforward, remotecommand};
+use super::{Session, StreamingServer, portforward, remotecommand, websocket};
 
 /// Connections (upgraded sessions included) served at once.
 const MAX_CONNECTIONS: usize = 1024;
@@ -116,6 +116,9 @@ impl StreamingServer {
             return plain(StatusCode::NOT_FOUND, "unknown or expired token");
         }
         let is_upgrade = header_has(&req, CONNECTION, "upgrade");
+        if is_upgrade && header_has(&req, UPGRADE, "websocket") {
+            return self.upgrade_websocket(req, session, permit);
+        }
         if !is_upgrade || !header_has(&req, UPGRADE, "spdy/3.1") {
             return plain(
                 StatusCode::BAD_REQUEST,
@@ -187,4 +190,112 @@ impl StreamingServer {
         h.insert(PROTOCOL_HEADER, HeaderValue::from_static(chosen));
         r
     }
+
+    /// The WebSocket upgrade (RFC 6455) for exec and attach.
+    fn upgrade_websocket(
+        &self,
+        mut req: Request<Incoming>,
+        session: Session,
+        permit: &PermitSlot,
+    ) -> Response<Body> {
+        let forward_ports = match &session {
+            Session::PortForward(pf) => match ws_ports(&req, &pf.ports) {
+                Ok(p) => Some(p),
+                Err(msg) => return plain(StatusCode::BAD_REQUEST, msg),
+            },
+            _ => None,
+        };
+        let names: &[&str] = if forward_ports.is_some() {
+            websocket::PORT_FORWARD_NAMES
+        } else {
+            websocket::NAMES
+        };
+        let Some(key) = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| k.as_bytes().to_vec())
+        else {
+            return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is required");
+        };
+        let offered: Vec<String> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let chosen: &'static str = if offered.is_empty() {
+            ""
+        } else {
+            match offered.iter().find_map(|o| names.iter().find(|n| **n == o)) {
+                Some(n) => n,
+                None => {
+                    return plain(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "unable to negotiate a WebSocket sub-protocol: client supports \
+                             {offered:?}, server accepts {names:?}"
+                        ),
+                    );
+                }
+            }
+        };
+        let Some(protocol) = websocket::WsProtocol::from_name(chosen) else {
+            return plain(StatusCode::FORBIDDEN, "unknown sub-protocol");
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let io = match on_upgrade.await {
+                Ok(io) => TokioIo::new(io),
+                Err(e) => return tracing::info!(error = %e, "a WebSocket upgrade failed"),
+            };
+            match (session, forward_ports) {
+                (Session::PortForward(pf), Some(ports)) => {
+                    websocket::serve_port_forward(pf, ports, protocol, io).await
+                }
+                (session, _) => websocket::serve(session, protocol, io).await,
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        if !chosen.is_empty() {
+            h.insert("sec-websocket-protocol", HeaderValue::from_static(chosen));
+        }
+        r
+    }
+}
+
+/// The `port` query parameters of a WebSocket port-forward, each allowed by
+/// the CRI request (when it named any).
+fn ws_ports(req: &Request<Incoming>, allowed: &[u16]) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for pair in req.uri().query().unwrap_or("").split('&') {
+        if let Some(v) = pair.strip_prefix("port=") {
+            let port = v
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("invalid port {v:?}"))?;
+            if !allowed.is_empty() && !allowed.contains(&port) {
+                return Err(format!(
+                    "port {port} was not asked for in the PortForward request"
+                ));
+            }
+            ports.push(port);
+        }
+    }
+    if ports.is_empty() || ports.len() > 64 {
+        return Err("between 1 and 64 port query parameters are required".into());
+    }
+    Ok(ports)
 }

@@ -150,13 +150,12 @@ impl ConnHandle {
     /// Resolves once the connection is gone: the client closed or vanished,
     /// it was idle too long, or it broke the protocol.
     pub async fn closed(&self) {
-        let mut closed = self.closed.clone();
-        let _ = closed.wait_for(|&c| c).await;
+        self.gone().wait().await
     }
 
-    /// Whether [`ConnHandle::closed`] has resolved.
-    pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+    /// The same signal, for sessions that do not know the transport.
+    pub fn gone(&self) -> crate::streaming::Gone {
+        crate::streaming::Gone(self.closed.clone())
     }
 
     /// Ends the connection gracefully: GOAWAY after every frame queued so
@@ -496,10 +495,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 .encode(&mut buf),
                 Out::Data { id, data, fin } => {
                     let mut t = lock(&table);
-                    let live = t
-                        .get(&id)
-                        .is_some_and(|e| !e.local_fin && !e.state.reset.load(Ordering::SeqCst));
-                    if live {
+                    // Data for a stream that was reset or ended is dropped.
+                    if let Some(entry) = t
+                        .get_mut(&id)
+                        .filter(|e| !e.local_fin && !e.state.reset.load(Ordering::SeqCst))
+                    {
                         Frame::Data {
                             stream_id: id,
                             flags: if fin { FLAG_FIN } else { 0 },
@@ -507,7 +507,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         }
                         .encode(&mut buf);
                         if fin {
-                            let entry = t.get_mut(&id).expect("checked above");
                             entry.local_fin = true;
                             if entry.data.is_none() {
                                 t.remove(&id);
