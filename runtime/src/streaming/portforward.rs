@@ -157,44 +157,13 @@ async fn relay(
             let _ = data.close().await;
         }
     };
-    let mut agent = match agent_client::connect_streaming(&addr, CONNECT_TIMEOUT).await {
-        Ok(a) => a,
-        Err(e) => return fail(crate::error_chain(&e)).await,
-    };
-    let (tx, rx) = mpsc::channel(2);
-    let _ = tx
-        .send(agent::PortForwardChunk {
-            port: u32::from(port),
-            data: Vec::new(),
-            closed: false,
-        })
-        .await;
     // Client → pod, until the client's FIN (the request stream ends:
     // half-close) or the relay ends.
-    let mut client_data = std::mem::replace(&mut data.data, mpsc::channel(1).1);
-    let upstream = tokio::spawn(async move {
-        while let Some(bytes) = client_data.recv().await {
-            for piece in bytes.chunks(CHUNK) {
-                let chunk = agent::PortForwardChunk {
-                    port: 0,
-                    data: piece.to_vec(),
-                    closed: false,
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let upstream = AbortOnDrop(upstream);
-    let response = match agent
-        .port_forward(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
+    let client_data = std::mem::replace(&mut data.data, mpsc::channel(1).1);
+    let (mut down, upstream) = match open_agent_relay(&addr, port, client_data).await {
         Ok(r) => r,
-        Err(status) => return fail(status.message().to_string()).await,
+        Err(msg) => return fail(msg).await,
     };
-    let mut down = response.into_inner();
     // Pod → client; the pod's half-close is a FIN on the data stream, and
     // the relay lasts until both directions are done or the client resets.
     let result = loop {
@@ -224,8 +193,51 @@ async fn relay(
     }
 }
 
+/// Opens the agent's PortForward stream to `port` in the pod: returns the
+/// pod's side (chunks, `closed` when it half-closes) and the task that
+/// sends the client's bytes from `client` up in bounded chunks until
+/// `client` ends (dropping the guard stops it). Shared by SPDY and
+/// WebSocket port-forward.
+pub(super) async fn open_agent_relay(
+    addr: &agent_client::AgentAddr,
+    port: u16,
+    mut client: mpsc::Receiver<Vec<u8>>,
+) -> Result<(tonic::Streaming<agent::PortForwardChunk>, AbortOnDrop), String> {
+    let mut agent = agent_client::connect_streaming(addr, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    let (tx, rx) = mpsc::channel(2);
+    let _ = tx
+        .send(agent::PortForwardChunk {
+            port: u32::from(port),
+            data: Vec::new(),
+            closed: false,
+        })
+        .await;
+    let upstream = AbortOnDrop(tokio::spawn(async move {
+        while let Some(bytes) = client.recv().await {
+            for piece in bytes.chunks(CHUNK) {
+                let chunk = agent::PortForwardChunk {
+                    port: 0,
+                    data: piece.to_vec(),
+                    closed: false,
+                };
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }));
+    let down = agent
+        .port_forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|status| status.message().to_string())?
+        .into_inner();
+    Ok((down, upstream))
+}
+
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -27,7 +27,6 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use super::remotecommand::{self, Channels, Protocol, Sink};
 use super::{Gone, PortForwardSession, Session};
 use crate::agent_client;
-use vmpod_proto::v1 as agent;
 
 /// Largest message accepted from a client.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -307,58 +306,26 @@ pub(super) async fn serve_port_forward<IO>(
 async fn relay(
     addr: agent_client::AgentAddr,
     port: u16,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
     data_ch: u8,
     out: &mpsc::Sender<(u8, Vec<u8>)>,
 ) -> Result<(), String> {
-    let mut agent = agent_client::connect_streaming(&addr, std::time::Duration::from_secs(10))
-        .await
-        .map_err(|e| crate::error_chain(&e))?;
-    let (tx, req_rx) = mpsc::channel(2);
-    let _ = tx
-        .send(agent::PortForwardChunk {
-            port: u32::from(port),
-            data: Vec::new(),
-            closed: false,
-        })
-        .await;
-    let upstream = tokio::spawn(async move {
-        while let Some(bytes) = rx.recv().await {
-            for piece in bytes.chunks(64 * 1024) {
-                let chunk = agent::PortForwardChunk {
-                    port: 0,
-                    data: piece.to_vec(),
-                    closed: false,
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
+    let (mut down, upstream) = super::portforward::open_agent_relay(&addr, port, rx).await?;
+    let result = loop {
+        match down.message().await {
+            Ok(Some(chunk)) => {
+                if !chunk.data.is_empty() && out.send((data_ch, chunk.data)).await.is_err() {
+                    break Ok(());
+                }
+                if chunk.closed {
+                    break Ok(());
                 }
             }
+            Ok(None) => break Ok(()),
+            Err(s) => break Err(s.message().to_string()),
         }
-    });
-    let result = async {
-        let mut down = agent
-            .port_forward(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
-        loop {
-            match down.message().await {
-                Ok(Some(chunk)) => {
-                    if !chunk.data.is_empty() && out.send((data_ch, chunk.data)).await.is_err() {
-                        return Ok(());
-                    }
-                    if chunk.closed {
-                        return Ok(());
-                    }
-                }
-                Ok(None) => return Ok(()),
-                Err(s) => return Err(s.message().to_string()),
-            }
-        }
-    }
-    .await;
-    upstream.abort();
+    };
+    drop(upstream);
     result
 }
 
