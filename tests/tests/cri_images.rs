@@ -8,6 +8,14 @@ use vmpod_tests::cri::*;
 use vmpod_tests::oci_layout::{Compression, busybox_layer, layer, write_image};
 use vmpod_tests::registry::TestRegistry;
 
+/// `vmpod serve` that pulls from the test registry at `host` (plain HTTP).
+fn daemon_pulling_from(host: &str) -> Daemon {
+    Daemon::start(&format!(
+        "[image.registry]\nrequest_timeout_secs = 10\n\
+         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pulled_images_run_in_pods_through_the_cri_socket() {
     let registry = TestRegistry::start();
@@ -20,10 +28,7 @@ async fn pulled_images_run_in_pods_through_the_cri_socket() {
     );
     registry.push_layout(layout.path(), "v1", "test/busybox", &[]);
     let host = registry.host();
-    let d = Daemon::start(&format!(
-        "[image.registry]\nrequest_timeout_secs = 10\n\
-         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
-    ));
+    let d = daemon_pulling_from(&host);
     let mut images = d.image_client().await;
     let mut cri = d.client().await;
     let image = format!("{host}/test/busybox:v1");
@@ -106,10 +111,7 @@ async fn vmpod_run_pulls_a_missing_image() {
     );
     registry.push_layout(layout.path(), "v2", "test/run", &[]);
     let host = registry.host();
-    let d = Daemon::start(&format!(
-        "[image.registry]\nrequest_timeout_secs = 10\n\
-         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
-    ));
+    let d = daemon_pulling_from(&host);
     let image = format!("{host}/test/run:v2");
     let out = d
         .vmpod_run("", 60, &image, &["sh", "-c", "echo pulled-and-ran"])
@@ -153,10 +155,7 @@ async fn images_pulled_by_digest_through_crictl() {
     );
     registry.push_layout(layout.path(), "v1", "test/pinned", &[]);
     let host = registry.host();
-    let d = Daemon::start(&format!(
-        "[image.registry]\nrequest_timeout_secs = 10\n\
-         [image.registry.hosts.\"{host}\"]\nendpoints = [{{ host = \"{host}\", plain_http = true }}]\n"
-    ));
+    let d = daemon_pulling_from(&host);
     let crictl = Crictl::new(&d);
     let mut images = d.image_client().await;
     let status = |reference: String| {

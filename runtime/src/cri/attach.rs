@@ -4,9 +4,9 @@
 
 use k8s_cri::v1::{AttachRequest, AttachResponse};
 
-use super::exec::check_stdio;
+use super::exec::checked_stdio;
 use super::{Cri, CriError};
-use crate::streaming::{AttachSession, Session, Stdio};
+use crate::streaming::{AttachSession, Session};
 
 impl Cri {
     pub(super) async fn attach(&self, req: AttachRequest) -> Result<AttachResponse, CriError> {
@@ -23,13 +23,7 @@ impl Cri {
                 req.tty, rec.stdio.tty
             )));
         }
-        let stdio = Stdio {
-            stdin: req.stdin,
-            stdout: req.stdout,
-            stderr: req.stderr,
-            tty: req.tty,
-        };
-        check_stdio(stdio)?;
+        let stdio = checked_stdio(req.stdin, req.stdout, req.stderr, req.tty)?;
         let session = Session::Attach(AttachSession {
             agent,
             container_id: rec.id.clone(),

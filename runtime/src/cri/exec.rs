@@ -8,19 +8,30 @@ use super::store::{ContainerRecord, ContainerState};
 use super::{Cri, CriError};
 use crate::streaming::{ExecSession, Session, Stdio};
 
-/// The checks every remotecommand request shares (as the kubelet's).
-pub(super) fn check_stdio(stdio: Stdio) -> Result<(), CriError> {
-    if !stdio.stdin && !stdio.stdout && !stdio.stderr {
+/// A remotecommand request's streams, checked as the kubelet checks them
+/// (the checks Exec and Attach share).
+pub(super) fn checked_stdio(
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+) -> Result<Stdio, CriError> {
+    if !stdin && !stdout && !stderr {
         return Err(CriError::InvalidArgument(
             "one of stdin, stdout and stderr must be asked for".into(),
         ));
     }
-    if stdio.tty && stdio.stderr {
+    if tty && stderr {
         return Err(CriError::InvalidArgument(
             "tty and stderr cannot both be true (a terminal has no separate stderr)".into(),
         ));
     }
-    Ok(())
+    Ok(Stdio {
+        stdin,
+        stdout,
+        stderr,
+        tty,
+    })
 }
 
 impl Cri {
@@ -46,13 +57,7 @@ impl Cri {
         if req.cmd.is_empty() {
             return Err(CriError::InvalidArgument("cmd is required".into()));
         }
-        let stdio = Stdio {
-            stdin: req.stdin,
-            stdout: req.stdout,
-            stderr: req.stderr,
-            tty: req.tty,
-        };
-        check_stdio(stdio)?;
+        let stdio = checked_stdio(req.stdin, req.stdout, req.stderr, req.tty)?;
         let (rec, agent) = self.running_container(&req.container_id)?;
         let session = Session::Exec(ExecSession {
             agent,
