@@ -5,10 +5,17 @@
 //! launchers and, as they land, the daemon and the VMM.
 
 pub mod agent_client;
+pub mod config;
 pub mod cri;
 pub mod guest;
 pub mod hypervisor;
 pub mod image;
+pub mod log_pump;
+pub mod logs;
+pub mod network;
+pub mod process;
+pub mod run_cli;
+pub mod sandbox;
 pub mod streaming;
 pub mod vmm;
 

@@ -202,7 +202,7 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the tokio runtime")?;
             let code = rt
-                .block_on(vmpod::cri::run_cli::run(vmpod::cri::run_cli::RunOptions {
+                .block_on(vmpod::run_cli::run(vmpod::run_cli::RunOptions {
                     socket,
                     image,
                     command,
@@ -223,15 +223,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
-            rt.block_on(vmpod::cri::log_pump::run(addr, container, log))
+            rt.block_on(vmpod::log_pump::run(addr, container, log))
                 .context("log pump")?;
         }
         Command::Serve { socket, config } => {
             let cfg = match &config {
-                Some(path) => vmpod::cri::config::Config::load(path, true),
-                None => {
-                    vmpod::cri::config::Config::load(std::path::Path::new(DEFAULT_CONFIG), false)
-                }
+                Some(path) => vmpod::config::Config::load(path, true),
+                None => vmpod::config::Config::load(std::path::Path::new(DEFAULT_CONFIG), false),
             }
             .context("loading the configuration")?;
             let rt = tokio::runtime::Builder::new_multi_thread()

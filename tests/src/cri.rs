@@ -160,7 +160,7 @@ impl Daemon {
         .expect("writing the loopback network");
         let netns = own_netns.then(|| {
             let path = dir.path().join("node-netns");
-            vmpod::cri::host_sandbox::create_netns(&path).expect("creating the test netns");
+            vmpod::network::netns::create_netns(&path).expect("creating the test netns");
             path
         });
         std::fs::write(&config, text).expect("writing the config");
@@ -382,7 +382,7 @@ impl Daemon {
         self.kill_recorded_sandboxes();
         // Last: what CNI made in it (bridge, veths) goes with it.
         if let Some(netns) = &self.netns {
-            vmpod::cri::host_sandbox::remove_netns(netns);
+            vmpod::network::netns::remove_netns(netns);
         }
     }
 

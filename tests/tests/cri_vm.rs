@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use tonic::Code;
-use vmpod::cri::shared_fs::virtiofsd_binary;
 use vmpod::hypervisor::qemu::VhostVsock;
+use vmpod::sandbox::shared_fs::virtiofsd_binary;
 use vmpod_tests::cri::*;
 use vmpod_tests::oci_layout::{Compression, busybox_layer, layer, write_image};
 use vmpod_tests::registry::TestRegistry;

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use tonic::Code;
-use vmpod::cri::config::{Backend, Handler, Hypervisor};
-use vmpod::cri::host_sandbox;
+use vmpod::config::{Backend, Handler, Hypervisor};
 use vmpod::cri::vmm_sandbox::{self, VmmSandboxError};
+use vmpod::process as host_sandbox;
 use vmpod::vmm::config::{VmmConfig, block_slot_serial};
 use vmpod_tests::cri::*;
 use vmpod_tests::{artefact, build_freestanding_guest, kvm_is_pvm, require_kvm};

@@ -10,11 +10,11 @@ use k8s_cri::v1::{
 use vmpod_proto::v1 as agent;
 
 use super::image::ImageConfig;
-use super::shared_fs::Share;
 use super::store::{
     ContainerRecord, ContainerState, ExecBase, MountRecord, SandboxState, StdioConfig,
 };
 use super::{Container, Cri, CriError, lock, new_id, now_ns};
+use crate::sandbox::shared_fs::Share;
 
 impl Cri {
     pub(super) async fn create_container(
@@ -256,7 +256,7 @@ impl Cri {
 /// mounts: their share clones each source privately into the guest, so no
 /// mount event crosses the VM boundary either way.
 fn mounts(config: &ContainerConfig, vm: bool) -> Result<Vec<MountRecord>, CriError> {
-    use super::shared_fs::{Propagation, propagation_of};
+    use crate::sandbox::shared_fs::{Propagation, propagation_of};
     use k8s_cri::v1::MountPropagation;
     config
         .mounts

@@ -15,7 +15,6 @@ use tonic::transport::Channel;
 use vmpod_proto::v1 as agent;
 use vmpod_proto::v1::agent_client::AgentClient;
 
-use super::host_sandbox;
 use super::store::ContainerState;
 use super::{Container, Cri, CriError, lock, now_ns};
 
@@ -60,7 +59,7 @@ impl Cri {
         // The file exists once StartContainer returns, as with containerd,
         // even before the container writes anything.
         if !rec.log_path.is_empty() {
-            super::logs::create_log_file(std::path::Path::new(&rec.log_path))
+            crate::logs::create_log_file(std::path::Path::new(&rec.log_path))
                 .await
                 .map_err(|e| {
                     CriError::Internal(format!("creating the log file {}: {e}", rec.log_path))
@@ -83,15 +82,15 @@ impl Cri {
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(
                 &mut cmd,
-                super::log_pump::block_sighup_in_child,
+                crate::log_pump::block_sighup_in_child,
             )
         };
-        let pump = host_sandbox::spawn_detached(
+        let pump = crate::process::spawn_detached(
             cmd,
             None,
             &self.state.sandbox_dir(&srec.id).join("log-pumps.log"),
         )?;
-        let pump_start = host_sandbox::start_time(pump).unwrap_or(0);
+        let pump_start = crate::process::start_time(pump).unwrap_or(0);
         let rec = {
             let mut r = lock(&container.rec);
             r.state = ContainerState::Running;
@@ -140,7 +139,8 @@ impl Cri {
             let pump = lock(&container.rec).log_pump;
             if let Some((pid, start)) = pump {
                 let deadline = std::time::Instant::now() + LOG_DRAIN;
-                while host_sandbox::same_process(pid, start) && std::time::Instant::now() < deadline
+                while crate::process::same_process(pid, start)
+                    && std::time::Instant::now() < deadline
                 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -297,7 +297,7 @@ impl Cri {
                 self.release_unused_disks(&sandbox, Some(&rec.id)).await;
             }
             if sandbox.rec().is_vm() {
-                super::shared_fs::Share::new(&self.state.sandbox_dir(&rec.sandbox_id))
+                crate::sandbox::shared_fs::Share::new(&self.state.sandbox_dir(&rec.sandbox_id))
                     .withdraw(&rec.id)?;
             }
         }
@@ -311,9 +311,9 @@ impl Cri {
             }
         }
         if let Some((pid, start)) = rec.log_pump
-            && host_sandbox::same_process(pid, start)
+            && crate::process::same_process(pid, start)
         {
-            host_sandbox::end_process(pid, LOG_DRAIN).await;
+            crate::process::end_process(pid, LOG_DRAIN).await;
         }
         self.state.delete_container(&rec.sandbox_id, &rec.id);
         lock(&self.containers).remove(&rec.id);
@@ -329,7 +329,7 @@ impl Cri {
         let rec = self.container(&req.container_id)?.rec();
         let pump = rec
             .log_pump
-            .filter(|&(pid, start)| host_sandbox::same_process(pid, start));
+            .filter(|&(pid, start)| crate::process::same_process(pid, start));
         let (Some((pid, _)), false) = (pump, rec.log_path.is_empty()) else {
             return Err(CriError::FailedPrecondition(format!(
                 "container {} is not running or has no log",
@@ -339,7 +339,7 @@ impl Cri {
         let path = std::path::PathBuf::from(&rec.log_path);
         // The kubelet renamed the old file away. Make the new one here, so it
         // exists when this call returns, then have the pump switch to it.
-        super::logs::create_log_file(&path).await.map_err(|e| {
+        crate::logs::create_log_file(&path).await.map_err(|e| {
             CriError::Internal(format!("creating the log file {}: {e}", path.display()))
         })?;
         nix::sys::signal::kill(

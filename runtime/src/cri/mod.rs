@@ -7,21 +7,15 @@
 //! stores ([`store`]).
 
 mod attach;
-pub mod cni;
-pub mod config;
 mod container_create;
 mod container_lifecycle;
 mod container_query;
 mod events;
 mod exec;
 mod exec_sync;
-pub mod host_sandbox;
 pub mod image;
-pub mod log_pump;
-pub mod logs;
 mod monitor;
 mod port_forward;
-pub mod run_cli;
 mod runtime_info;
 mod sandbox_lifecycle;
 mod sandbox_query;
@@ -29,10 +23,8 @@ mod sandbox_run;
 mod security;
 pub mod serve;
 pub mod service;
-pub mod shared_fs;
 mod stats;
 pub mod store;
-pub mod vm_network;
 pub mod vm_sandbox;
 pub mod vmm_sandbox;
 
@@ -43,7 +35,9 @@ use tokio::sync::broadcast;
 use tonic::transport::Channel;
 use vmpod_proto::v1::agent_client::AgentClient;
 
-use config::Config;
+use crate::config::Config;
+use crate::network::{cni, tap};
+use crate::sandbox::shared_fs;
 use image::ImageResolver;
 use store::{ContainerRecord, SandboxRecord, StateDir};
 
@@ -73,7 +67,11 @@ pub enum CriError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    HostSandbox(#[from] host_sandbox::HostSandboxError),
+    Spawn(#[from] crate::process::SpawnError),
+    #[error(transparent)]
+    Netns(#[from] crate::network::netns::NetnsError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::sandbox::cgroups::CgroupError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
     #[error(transparent)]
@@ -83,7 +81,7 @@ pub enum CriError {
     #[error(transparent)]
     Cni(#[from] cni::CniError),
     #[error(transparent)]
-    VmNetwork(#[from] vm_network::VmNetworkError),
+    VmNetwork(#[from] tap::VmNetworkError),
     #[error(transparent)]
     Streaming(#[from] crate::streaming::StreamingError),
     #[error("the agent cannot be reached")]
@@ -115,7 +113,9 @@ impl CriError {
             }
             CriError::Internal(_)
             | CriError::Store(_)
-            | CriError::HostSandbox(_)
+            | CriError::Spawn(_)
+            | CriError::Netns(_)
+            | CriError::Cgroup(_)
             | CriError::VmmSandbox(_)
             | CriError::Cni(_)
             | CriError::VmNetwork(_)

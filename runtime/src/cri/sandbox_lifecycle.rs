@@ -10,11 +10,10 @@ use k8s_cri::v1::{
     StopPodSandboxResponse,
 };
 
-use super::host_sandbox;
-use super::shared_fs;
 use super::store::{ContainerState, SandboxState};
 use super::{Container, Cri, CriError, Sandbox, lock, now_ns};
 use crate::agent_client;
+use crate::sandbox::shared_fs;
 
 /// How long a log pump gets to copy the last output after its pod stopped.
 const LOG_PUMP_DRAIN: Duration = Duration::from_secs(2);
@@ -48,7 +47,7 @@ impl Cri {
         }
         // Only processes that are still ours: a PID may have been reused.
         if let Some(pid) = rec.agent_pid.filter(|&p| rec.owns(p)) {
-            host_sandbox::end_process(pid, SHUTDOWN_TIMEOUT).await;
+            crate::process::end_process(pid, SHUTDOWN_TIMEOUT).await;
         }
         // A VM guest ends by rebooting, which QEMU (-no-reboot) and our
         // VMM (reboot=k) turn into their exit; then QEMU's vsock backend
@@ -58,10 +57,10 @@ impl Cri {
                 .await;
         }
         if let Some(pid) = rec.vsock_pid.filter(|&p| rec.owns(p)) {
-            host_sandbox::end_process(pid, Duration::ZERO).await;
+            crate::process::end_process(pid, Duration::ZERO).await;
         }
         if let Some(pid) = rec.virtiofsd_pid.filter(|&p| rec.owns(p)) {
-            host_sandbox::end_process(pid, Duration::ZERO).await;
+            crate::process::end_process(pid, Duration::ZERO).await;
         }
         // Nothing reads the share once the VM is gone: a stopped pod holds
         // no host mounts.
@@ -69,11 +68,11 @@ impl Cri {
             shared_fs::Share::new(&self.state.sandbox_dir(&rec.id)).teardown()?;
         }
         // Host pods' containers, VM pods' host processes.
-        host_sandbox::remove_cgroups(&rec.cgroup_parent).await;
+        crate::sandbox::cgroups::remove_cgroups(&rec.cgroup_parent).await;
         // CNI DEL while the namespace still exists; a failure fails the
         // stop (the kubelet retries it) with the namespace kept for DEL.
         if let Some(att) = &rec.cni {
-            super::cni::del(&self.config.cni.bin_dirs, att).await?;
+            crate::network::cni::del(&self.config.cni.bin_dirs, att).await?;
             let r = {
                 let mut r = lock(&sandbox.rec);
                 r.cni = None;
@@ -84,16 +83,16 @@ impl Cri {
             tracing::info!(sandbox = %rec.id, "pod network detached");
         }
         if let Some(netns) = &rec.netns {
-            host_sandbox::remove_netns(netns);
+            crate::network::netns::remove_netns(netns);
         }
         for c in self.containers_of(&rec.id) {
             // Log pumps end with their streams; one whose agent vanished
             // without closing them is ended here.
             let pump = lock(&c.rec).log_pump;
             if let Some((pid, start)) = pump
-                && host_sandbox::same_process(pid, start)
+                && crate::process::same_process(pid, start)
             {
-                host_sandbox::end_process(pid, LOG_PUMP_DRAIN).await;
+                crate::process::end_process(pid, LOG_PUMP_DRAIN).await;
             }
             let changed = {
                 let mut r = lock(&c.rec);

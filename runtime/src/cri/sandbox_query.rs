@@ -31,7 +31,7 @@ fn network_status(rec: &SandboxRecord) -> PodSandboxNetworkStatus {
     let ips: Vec<String> = rec
         .cni
         .as_ref()
-        .map(|a| super::cni::pod_network(&a.result).ips)
+        .map(|a| crate::network::cni::pod_network(&a.result).ips)
         .unwrap_or_default()
         .into_iter()
         .map(|ip| ip.address.to_string())

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 
-use super::cni::{self, NetworkList};
-use super::config::{Backend, Hypervisor};
-use super::host_sandbox::{self, AgentLaunch};
 use super::store::{SandboxRecord, SandboxState};
-use super::vm_network;
 use super::{Cri, CriError, Sandbox, new_id, now_ns};
 use super::{vm_sandbox, vmm_sandbox};
 use crate::agent_client;
+use crate::config::{Backend, Hypervisor};
+use crate::network::cni::{self, NetworkList};
+use crate::network::tap as vm_network;
+use crate::sandbox::host::AgentLaunch;
 
 /// How long a new host agent has to answer Health.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -253,14 +253,14 @@ impl Cri {
         undo.push(Step::RemoveDir(dir.clone()));
         self.make_socket_dir(&rec.id, undo)?;
         if let Some(netns) = &rec.netns {
-            host_sandbox::create_netns(netns)?;
+            crate::network::netns::create_netns(netns)?;
             undo.push(Step::RemoveNetns(netns.clone()));
             if let Some(network) = network {
                 self.attach_network(&mut rec, network, undo).await?;
             }
         }
         let binary = self.config.agent_binary();
-        let pid = host_sandbox::spawn_agent(&AgentLaunch {
+        let pid = crate::sandbox::host::spawn_agent(&AgentLaunch {
             binary: &binary,
             socket: &rec.agent_socket,
             state_dir: &dir.join("agent"),
@@ -322,7 +322,7 @@ impl Cri {
     async fn start_vm_sandbox(
         &self,
         mut rec: SandboxRecord,
-        handler: &super::config::Handler,
+        handler: &crate::config::Handler,
         network: Option<&NetworkList>,
         dns: Option<k8s_cri::v1::DnsConfig>,
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
@@ -334,7 +334,7 @@ impl Cri {
         // The pod's network first: its namespace, CNI ADD there.
         let mut addressed = None;
         if let (Some(netns), Some(network)) = (rec.netns.clone(), network) {
-            host_sandbox::create_netns(&netns)?;
+            crate::network::netns::create_netns(&netns)?;
             undo.push(Step::RemoveNetns(netns.clone()));
             self.attach_network(&mut rec, network, undo).await?;
             let result = rec
@@ -377,7 +377,7 @@ impl Cri {
         undo.push(Step::KillProcess(vm.virtiofsd_pid));
         undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
         undo.push(Step::RemoveCgroups(rec.cgroup_parent.clone()));
-        host_sandbox::join_cgroups(
+        crate::sandbox::cgroups::join_cgroups(
             &rec.cgroup_parent,
             &[vm.vmm_pid, vm.vsock_pid, vm.virtiofsd_pid],
         )?;
@@ -516,30 +516,32 @@ impl Rollback {
             match step {
                 Step::RemoveDir(dir) => {
                     // Never through a mount left under it.
-                    if let Err(e) = super::shared_fs::remove_sandbox_dir(&dir) {
+                    if let Err(e) = crate::sandbox::shared_fs::remove_sandbox_dir(&dir) {
                         tracing::warn!(error = %super::error_chain(&e), "removing a sandbox dir");
                     }
                 }
-                Step::RemoveNetns(path) => host_sandbox::remove_netns(&path),
+                Step::RemoveNetns(path) => crate::network::netns::remove_netns(&path),
                 Step::CniDel(bins, att) => {
                     if let Err(e) = cni::del(&bins, &att).await {
                         tracing::warn!(error = %super::error_chain(&e), "CNI DEL on rollback");
                     }
                 }
                 Step::KillVm(vmm, vsock) => {
-                    host_sandbox::end_process(vmm, Duration::ZERO).await;
-                    host_sandbox::end_process(vsock, Duration::ZERO).await;
+                    crate::process::end_process(vmm, Duration::ZERO).await;
+                    crate::process::end_process(vsock, Duration::ZERO).await;
                 }
-                Step::KillProcess(pid) => host_sandbox::end_process(pid, Duration::ZERO).await,
-                Step::RemoveCgroups(parent) => host_sandbox::remove_cgroups(&parent).await,
+                Step::KillProcess(pid) => crate::process::end_process(pid, Duration::ZERO).await,
+                Step::RemoveCgroups(parent) => {
+                    crate::sandbox::cgroups::remove_cgroups(&parent).await
+                }
                 Step::TearDownShare(dir) => {
-                    if let Err(e) = super::shared_fs::Share::new(&dir).teardown() {
+                    if let Err(e) = crate::sandbox::shared_fs::Share::new(&dir).teardown() {
                         tracing::warn!(error = %super::error_chain(&e), "tearing down a pod share");
                     }
                 }
                 Step::KillAgent(pid, cgroup_parent) => {
-                    host_sandbox::end_process(pid, Duration::ZERO).await;
-                    host_sandbox::remove_cgroups(&cgroup_parent).await;
+                    crate::process::end_process(pid, Duration::ZERO).await;
+                    crate::sandbox::cgroups::remove_cgroups(&cgroup_parent).await;
                 }
             }
         }

@@ -11,9 +11,9 @@ use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 
 use super::Cri;
-use super::config::Config;
 use super::image::{ImageResolver, StaticImages, StoreImages};
 use super::service::CriService;
+use crate::config::Config;
 use crate::image::manager::ImageManager;
 use crate::image::service::CriImageService;
 use crate::streaming::StreamingServer;

@@ -92,13 +92,13 @@ pub struct SandboxRecord {
     /// The pod's CNI attachment: what DEL needs, even after a restart and
     /// a change of the config files. None = loopback only (or torn down).
     #[serde(default)]
-    pub cni: Option<crate::cri::cni::Attachment>,
+    pub cni: Option<crate::network::cni::Attachment>,
     /// VM pods on a CNI network: the tap device in the pod's netns.
     #[serde(default)]
     pub tap: Option<String>,
     /// The pod's hostPort mappings, for CNI's `portMappings` capability.
     #[serde(default)]
-    pub port_mappings: Vec<crate::cri::cni::PortMapping>,
+    pub port_mappings: Vec<crate::network::cni::PortMapping>,
 }
 
 impl SandboxRecord {
@@ -131,7 +131,7 @@ impl SandboxRecord {
 
     /// Remembers who `pid` is.
     pub fn note_pid(&mut self, pid: i32) {
-        if let Some(start) = crate::cri::host_sandbox::start_time(pid) {
+        if let Some(start) = crate::process::start_time(pid) {
             self.pid_starts.insert(pid.to_string(), start);
         }
     }
@@ -139,7 +139,7 @@ impl SandboxRecord {
     /// Whether `pid` is still the process this sandbox started.
     pub fn owns(&self, pid: i32) -> bool {
         match self.pid_starts.get(&pid.to_string()) {
-            Some(&start) => crate::cri::host_sandbox::same_process(pid, start),
+            Some(&start) => crate::process::same_process(pid, start),
             None => false,
         }
     }

@@ -17,11 +17,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::CriError;
-use super::config::{Accel, Handler, Hypervisor};
-use super::host_sandbox;
 use super::image::ResolvedImage;
-use super::shared_fs::{self, Share};
+use crate::config::{Accel, Handler, Hypervisor};
 use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostUserFs, VhostVsock};
+use crate::sandbox::shared_fs::{self, Share};
 
 /// The guest's vsock context ID (each pod has its own vhost-device-vsock).
 const GUEST_CID: u32 = 3;
@@ -47,7 +46,7 @@ pub fn start(
     sockets: &Path,
     handler: &Handler,
     images: &[ResolvedImage],
-    nic: Option<&super::vm_network::GuestNic>,
+    nic: Option<&crate::network::tap::GuestNic>,
 ) -> Result<StartedVm, CriError> {
     // The vmpod hypervisor is started by `vmm_sandbox`.
     if handler.hypervisor() != Hypervisor::Qemu {
@@ -82,10 +81,10 @@ pub fn start(
         .arg("--uds-path")
         .arg(&uds);
     let vsock_pid =
-        host_sandbox::spawn_detached(vsock_cmd, None, &dir.join("vhost-device-vsock.log"))?;
+        crate::process::spawn_detached(vsock_cmd, None, &dir.join("vhost-device-vsock.log"))?;
     let deadline = Instant::now() + VSOCK_START;
     while !vhost_socket.exists() {
-        if !host_sandbox::alive(vsock_pid) || Instant::now() >= deadline {
+        if !crate::process::alive(vsock_pid) || Instant::now() >= deadline {
             kill(vsock_pid);
             return Err(CriError::Internal(format!(
                 "vhost-device-vsock did not create {} (see {})",
@@ -143,15 +142,15 @@ pub fn start(
         mac: n.mac.clone(),
     });
     let netns = nic.map(|n| n.netns.as_path());
-    let vmm_pid = match host_sandbox::spawn_detached(cfg.command(), netns, &dir.join("console.log"))
-    {
-        Ok(pid) => pid,
-        Err(e) => {
-            kill(vsock_pid);
-            kill(virtiofsd_pid);
-            return Err(e.into());
-        }
-    };
+    let vmm_pid =
+        match crate::process::spawn_detached(cfg.command(), netns, &dir.join("console.log")) {
+            Ok(pid) => pid,
+            Err(e) => {
+                kill(vsock_pid);
+                kill(virtiofsd_pid);
+                return Err(e.into());
+            }
+        };
     Ok(StartedVm {
         vmm_pid,
         vsock_pid,

@@ -41,12 +41,12 @@ use k8s_cri::v1::{LinuxContainerResources, LinuxPodSandboxConfig};
 use tonic::transport::Channel;
 use vmpod_proto::v1::agent_client::AgentClient;
 
-use super::config::Handler;
 use super::image::ResolvedImage;
 use super::sandbox_run::{Rollback, Step};
 use super::store::{SandboxRecord, StateDir};
-use super::{Cri, CriError, Sandbox, host_sandbox, lock};
+use super::{Cri, CriError, Sandbox, lock};
 use crate::agent_client::{self, AgentAddr};
+use crate::config::Handler;
 use crate::vmm::config::{
     BlockSlotConfig, SerialConfig, VmmConfig, VsockConfig, block_slot_serial,
 };
@@ -96,7 +96,7 @@ pub enum VmmSandboxError {
     #[error("finding the vmpod binary to run the VMM")]
     CurrentExe(#[source] std::io::Error),
     #[error("starting the VMM")]
-    Spawn(#[from] host_sandbox::HostSandboxError),
+    Spawn(#[from] crate::process::SpawnError),
     #[error("control request {op} on {path}")]
     Control {
         op: &'static str,
@@ -248,7 +248,11 @@ pub fn spawn_vmm_with(vmpod: &Path, dir: &Path, cfg: &VmmConfig) -> Result<i32, 
     })?;
     let mut cmd = std::process::Command::new(vmpod);
     cmd.arg("vmm").arg("--config").arg(&path);
-    Ok(host_sandbox::spawn_detached(cmd, None, &dir.join(VMM_LOG))?)
+    Ok(crate::process::spawn_detached(
+        cmd,
+        None,
+        &dir.join(VMM_LOG),
+    )?)
 }
 
 /// The VMM configuration of a sandbox dir, if its VM runs on the vmpod
@@ -320,7 +324,7 @@ pub async fn wait_vmm_ready(
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no control socket yet");
     loop {
-        if !host_sandbox::alive(pid) {
+        if !crate::process::alive(pid) {
             return Err(CriError::Internal(format!(
                 "the VMM exited while starting:\n{}",
                 tail(&dir.join(VMM_LOG))
@@ -359,7 +363,7 @@ pub async fn wait_agent(
     timeout: Duration,
 ) -> Result<AgentClient<Channel>, CriError> {
     let vmm_gone = async {
-        while host_sandbox::alive(pid) {
+        while crate::process::alive(pid) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
@@ -386,7 +390,7 @@ pub async fn wait_agent(
 /// already rebooted (after the agent's Shutdown) is gone before that.
 pub async fn end_vmm(dir: &Path, pid: i32, timeout: Duration) {
     if let Some(socket) = vmm_config_of(dir).and_then(|c| c.control_socket)
-        && host_sandbox::alive(pid)
+        && crate::process::alive(pid)
     {
         let req = serde_json::json!({
             "op": "shutdown",
@@ -397,7 +401,7 @@ pub async fn end_vmm(dir: &Path, pid: i32, timeout: Duration) {
             tracing::debug!(pid, error = %crate::error_chain(&e), "VMM shutdown request");
         }
     }
-    host_sandbox::end_process(pid, timeout + SHUTDOWN_MARGIN).await;
+    crate::process::end_process(pid, timeout + SHUTDOWN_MARGIN).await;
 }
 
 /// Ends what a RunPodSandbox that never finished left (the daemon ended
@@ -424,9 +428,9 @@ pub async fn sweep_unfinished(state: &StateDir) {
                 ))
             });
         if let Some((pid, start)) = recorded
-            && host_sandbox::same_process(pid, start)
+            && crate::process::same_process(pid, start)
         {
-            host_sandbox::end_process(pid, Duration::ZERO).await;
+            crate::process::end_process(pid, Duration::ZERO).await;
         }
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(state.socket_dir(&id));
@@ -495,13 +499,13 @@ impl Cri {
         let pid = spawn_vmm(&dir, &cfg)?;
         undo.push(Step::KillProcess(pid));
         undo.push(Step::RemoveCgroups(rec.cgroup_parent.clone()));
-        host_sandbox::join_cgroups(&rec.cgroup_parent, &[pid])?;
+        crate::sandbox::cgroups::join_cgroups(&rec.cgroup_parent, &[pid])?;
         rec.vmm_pid = Some(pid);
         rec.vsock_pid = None;
         rec.note_pid(pid);
         // Until the record is saved, this file is how a restarted daemon
         // finds the VMM of a RunPodSandbox that never finished.
-        if let Some(start) = host_sandbox::start_time(pid) {
+        if let Some(start) = crate::process::start_time(pid) {
             let path = dir.join(PID_FILE);
             std::fs::write(&path, format!("{pid} {start}\n")).map_err(|source| {
                 VmmSandboxError::WriteConfig {
@@ -638,7 +642,7 @@ fn socket_of(cfg: &VmmConfig) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cri::config::{Backend, Hypervisor};
+    use crate::config::{Backend, Hypervisor};
 
     fn handler() -> Handler {
         let mut h = Handler::new(Backend::Vm);
@@ -956,7 +960,7 @@ mod tests {
 
     /// A Cri with one vmpod sandbox of `slots` slots whose VMM is a fake.
     fn setup(tmp: &Path, slots: usize, fail: bool) -> (std::sync::Arc<Cri>, Sandbox, FakeVmm) {
-        let config = crate::cri::config::Config {
+        let config = crate::config::Config {
             state_dir: tmp.join("state"),
             ..Default::default()
         };

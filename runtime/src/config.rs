@@ -53,7 +53,7 @@ pub struct Config {
     /// Images served from local files until the image service is wired in:
     /// `[[static_images]]` tables with `name`, `erofs` (the rootfs image)
     /// and `oci_layout` (an OCI layout directory holding the config).
-    pub static_images: Vec<super::image::StaticImage>,
+    pub static_images: Vec<crate::cri::image::StaticImage>,
     /// `[image]`: the image service (registry endpoints and mirrors,
     /// platform, unpack bounds, `erofs_timeout_secs`); images live in
     /// `<state_dir>/images`, shared with `vmpod image`. See docs/config.md.
@@ -532,7 +532,7 @@ mod tests {
 
     #[test]
     fn the_documented_example_is_valid() {
-        let doc = include_str!("../../../docs/config.md");
+        let doc = include_str!("../../docs/config.md");
         let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
         let len = doc[start..].find("```").expect("the block's end");
         let cfg = Config::parse(&doc[start..start + len]).unwrap();

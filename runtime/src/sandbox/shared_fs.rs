@@ -44,8 +44,7 @@ use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
-use super::host_sandbox;
-use super::store::MountRecord;
+use crate::cri::store::MountRecord;
 
 /// The tag the guest mounts.
 pub const TAG: &str = vmpod_proto::SHARED_FS_TAG;
@@ -82,7 +81,7 @@ pub enum SharedFsError {
     #[error("mounts are still present under {path}: {left:?}")]
     Leftover { path: PathBuf, left: Vec<String> },
     #[error("starting virtiofsd")]
-    Spawn(#[source] host_sandbox::HostSandboxError),
+    Spawn(#[source] crate::process::SpawnError),
     #[error("virtiofsd did not create {socket} within {VIRTIOFSD_START:?} (see {log})")]
     NotStarted { socket: PathBuf, log: PathBuf },
 }
@@ -322,11 +321,11 @@ pub fn virtiofsd_command(share: &Share, socket: &Path) -> std::process::Command 
 /// Starts the pod's virtiofsd (own session, log in `log`) and waits for its
 /// socket. Returns its PID; on error it is not left running.
 pub fn start_virtiofsd(share: &Share, socket: &Path, log: &Path) -> Result<i32, SharedFsError> {
-    let pid = host_sandbox::spawn_detached(virtiofsd_command(share, socket), None, log)
+    let pid = crate::process::spawn_detached(virtiofsd_command(share, socket), None, log)
         .map_err(SharedFsError::Spawn)?;
     let deadline = Instant::now() + VIRTIOFSD_START;
     while !socket.exists() {
-        if !host_sandbox::alive(pid) || Instant::now() >= deadline {
+        if !crate::process::alive(pid) || Instant::now() >= deadline {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::cni::{self, POD_IFNAME};
+use crate::network::cni::{self, POD_IFNAME};
 
 /// The tap device in each VM pod's network namespace.
 pub const TAP_NAME: &str = "tap0";

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use vmpod_proto::v1 as agent;
 
-use super::logs::{self, LogStream, LogWriter};
 use crate::agent_client::{self, AgentAddr};
+use crate::logs::{self, LogStream, LogWriter};
 
 /// Errors of a log pump.
 #[derive(Debug, thiserror::Error)]
