@@ -3,10 +3,13 @@
 //! daemon restart) and is named by its PID *and* start time, so a PID the
 //! kernel reused is never taken for, or signalled as, ours.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 /// A process could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,90 @@ pub async fn end_process(pid: i32, timeout: Duration) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// One process: its PID and its start time, so a PID the kernel reused for
+/// another process is never taken for this one. Signals go through a pidfd
+/// opened and then checked against the start time, so even a PID reused
+/// between the check and the signal is never hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proc {
+    pub pid: i32,
+    /// Clock ticks since boot (/proc/PID/stat field 22).
+    pub start: u64,
+}
+
+impl Proc {
+    /// The process `pid` is now; None if there is none.
+    pub fn of(pid: i32) -> Option<Proc> {
+        Some(Proc {
+            pid,
+            start: start_time(pid)?,
+        })
+    }
+
+    /// Whether it still runs (not a zombie, not a reused PID).
+    pub fn alive(&self) -> bool {
+        same_process(self.pid, self.start)
+    }
+
+    /// A pidfd for it, if it is still this process.
+    pub fn pidfd(&self) -> Option<OwnedFd> {
+        // SAFETY: pidfd_open takes a PID and flags and returns a new fd or
+        // -1; no memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: the syscall just returned this fd; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Checked after opening: a PID reused before the open is not ours.
+        self.alive().then_some(fd)
+    }
+
+    /// Sends `signal` through a pidfd; false when it is gone (or never was).
+    pub fn signal(&self, signal: libc::c_int) -> bool {
+        let Some(fd) = self.pidfd() else {
+            return false;
+        };
+        // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        r == 0
+    }
+
+    /// SIGKILL, without waiting.
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Gives it `grace` to end on its own, then SIGKILLs it, and waits (up
+    /// to 5 s) until it is gone.
+    pub async fn end(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while self.alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.signal(libc::SIGKILL) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// A process's resident set (VmRSS), in bytes.
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -458,3 +458,107 @@ fn nat_rules(d: &Daemon) -> String {
     assert!(out.status.success(), "iptables -t nat -S: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+vmpod_tests::on_both_backends!(a_cancelled_runpodsandbox_leaves_nothing);
+
+/// The kubelet cancels RunPodSandbox at its deadline. Cancelled at several
+/// points of the creation (before and after CNI ADD, while the agent or VM
+/// starts, as it is ready), a pod leaves nothing: no sandbox listed, no
+/// process, mount, network namespace, veth, host-local lease, state dir or
+/// cgroup. The creation runs on in its own task and undoes itself.
+async fn a_cancelled_runpodsandbox_leaves_nothing(b: Backend) {
+    plugin_dir();
+    let d = Daemon::in_netns(b, "");
+    write_bridge_network(&d, "");
+    let mut cri = d.client().await;
+    // A pod parent of this test's own, so other tests' pods never count.
+    let parent = format!("/vmpod-cancel-{}-{}", b.handler(), std::process::id());
+    let deadlines_ms: &[u64] = match b {
+        Backend::Host => &[1, 10, 25, 45, 70, 100, 150],
+        Backend::Vm => &[1, 50, 300, 1000, 2500, 5000],
+    };
+    let mut cancelled = 0;
+    for (i, ms) in deadlines_ms.iter().enumerate() {
+        let mut config = pod_config(&d, &format!("cancel-{i}"), &[]);
+        config.linux = Some(LinuxPodSandboxConfig {
+            cgroup_parent: parent.clone(),
+            ..Default::default()
+        });
+        let mut req = tonic::Request::new(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: b.handler().into(),
+        });
+        req.set_timeout(Duration::from_millis(*ms));
+        match cri.run_pod_sandbox(req).await {
+            Ok(r) => stop_remove_pod(&mut cri, &r.into_inner().pod_sandbox_id).await,
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
+                    "{ms} ms: {s:?}"
+                );
+                cancelled += 1;
+            }
+        }
+        // The creation finishes in the background, then undoes itself.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let listed = cri
+                .list_pod_sandbox(ListPodSandboxRequest::default())
+                .await
+                .expect("ListPodSandbox")
+                .into_inner()
+                .items;
+            let dirs: Vec<_> = std::fs::read_dir(d.state_dir().join("sandboxes"))
+                .map(|e| e.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            let procs = processes_mentioning(&d.state_dir());
+            if listed.is_empty() && dirs.is_empty() && procs.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{ms} ms: left after 120 s: pods {listed:?}, dirs {dirs:?}, processes {procs:?}\n\
+                 daemon log:\n{}",
+                d.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            leases(&d),
+            Vec::<String>::new(),
+            "{ms} ms: host-local leases"
+        );
+        assert_eq!(pod_links(&d), Vec::<String>::new(), "{ms} ms: veths");
+        assert_no_netns(&d);
+        let sockets: Vec<_> = std::fs::read_dir(d.state_dir().join("s"))
+            .map(|e| e.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(sockets.is_empty(), "{ms} ms: socket dirs {sockets:?}");
+        let cgroups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|h| {
+                h.flatten()
+                    .filter_map(|h| std::fs::read_dir(h.path().join(&parent[1..])).ok())
+                    .flat_map(|e| e.flatten().map(|e| e.path()))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            cgroups.is_empty(),
+            "{ms} ms: cgroups {cgroups:?}\ndaemon log:\n{}",
+            d.log()
+        );
+        let mounts = mounts_under(d.dir.path());
+        let own = d.netns().map(|p| p.display().to_string());
+        let mounts: Vec<_> = mounts
+            .into_iter()
+            .filter(|m| m.split(' ').nth(4) != own.as_deref())
+            .collect();
+        assert!(mounts.is_empty(), "{ms} ms: mounts {mounts:?}");
+    }
+    // How many land before the pod is ready depends on the machine's load.
+    assert!(cancelled >= 2, "only {cancelled} calls were cut short");
+    // The node is still fine: a pod starts normally.
+    let pod = run_on(&mut cri, &d, "after", b.handler()).await;
+    stop_remove_pod(&mut cri, &pod).await;
+}

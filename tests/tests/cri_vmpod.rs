@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 use tonic::Code;
 use vmpod::config::{Backend, Handler, Hypervisor};
-use vmpod::cri::vmm_sandbox::{self, VmmSandboxError};
-use vmpod::process as host_sandbox;
+use vmpod::process::{self as host_sandbox, Proc};
+use vmpod::sandbox::vm::CONSOLE_LOG;
+use vmpod::sandbox::vmm::{self as vmm_sandbox, VmmError};
 use vmpod::vmm::config::{VmmConfig, block_slot_serial};
 use vmpod_tests::cri::*;
 use vmpod_tests::{artefact, build_freestanding_guest, kvm_is_pvm, require_kvm};
@@ -319,14 +320,30 @@ async fn a_daemon_killed_during_runpodsandbox_leaves_no_vmm_behind() {
         }
     });
     let (id, dir) = poll("the sandbox's vmm.json", || booting_sandbox(&d)).await;
-    let console = dir.join(vmm_sandbox::CONSOLE_LOG);
+    let console = dir.join(CONSOLE_LOG);
     poll("the idle guest", || {
         read(&console).contains("idle: halting").then_some(())
     })
     .await;
     // The kernel_args reached the guest.
     assert!(read(&console).contains(" guest.idle"), "{}", read(&console));
-    assert!(dir.join(vmm_sandbox::PID_FILE).is_file());
+    // The creation is journaled: a CREATING record whose undo ends the VMM.
+    let record: serde_json::Value =
+        serde_json::from_str(&read(&dir.join("sandbox.json"))).expect("the CREATING record");
+    assert_eq!(record["state"], "Creating", "{record}");
+    let vmm_pid: i64 = processes_mentioning(&dir.join("vmm.json"))[0]
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the VMM's PID");
+    assert!(
+        record["undo"]
+            .as_array()
+            .expect("undo steps")
+            .iter()
+            .any(|s| s["undo"] == "end" && s["process"]["pid"] == vmm_pid),
+        "{record}"
+    );
     assert_eq!(processes_mentioning(&dir.join("vmm.json")).len(), 1);
 
     d.kill9_and_restart();
@@ -363,7 +380,7 @@ async fn start_vmm(root: &Path, name: &str, elf: &Path, guest_mode: &str) -> Tes
     vmm_sandbox::wait_vmm_ready(&dir, &socket, pid, Duration::from_secs(30))
         .await
         .expect("the VMM answers on its control socket");
-    let console = dir.join(vmm_sandbox::CONSOLE_LOG);
+    let console = dir.join(CONSOLE_LOG);
     poll("the guest's hello", || {
         read(&console)
             .contains("vmpod freestanding guest: hello")
@@ -421,7 +438,7 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     // The VMM refuses what the daemon must never send, and says why.
     for (slot, path) in [(2, erofs.clone()), (0, tmp.path().join("missing.img"))] {
         match attach(slot, &path) {
-            Err(VmmSandboxError::Refused { op, message }) => {
+            Err(VmmError::Refused { op, message }) => {
                 assert_eq!(op, "block_attach");
                 assert!(!message.is_empty());
             }
@@ -441,9 +458,14 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     assert_eq!(backing_changes(&vmm, 1), 2);
     assert_eq!(vmm_sandbox::free_slot(&disks, 2), Some(1));
 
-    vmm_sandbox::end_vmm(&vmm.dir, vmm.pid, Duration::from_secs(20)).await;
+    vmm_sandbox::end_vmm(
+        &vmm.socket,
+        Proc::of(vmm.pid).expect("the VMM"),
+        Duration::from_secs(20),
+    )
+    .await;
     assert!(!host_sandbox::alive(vmm.pid));
-    let console = read(&vmm.dir.join(vmm_sandbox::CONSOLE_LOG));
+    let console = read(&vmm.dir.join(CONSOLE_LOG));
     assert!(console.contains("got: ctrl-alt-del"), "{console}");
     let log = read(&vmm.dir.join(vmm_sandbox::VMM_LOG));
     assert!(log.contains("vmpod vmm: guest reset"), "{log}");
@@ -451,7 +473,12 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
 
     // Deadline: an idle guest ignores Ctrl-Alt-Del; the VMM stops itself.
     let vmm = start_vmm(tmp.path(), "idle", &elf, "guest.idle").await;
-    vmm_sandbox::end_vmm(&vmm.dir, vmm.pid, Duration::from_secs(1)).await;
+    vmm_sandbox::end_vmm(
+        &vmm.socket,
+        Proc::of(vmm.pid).expect("the VMM"),
+        Duration::from_secs(1),
+    )
+    .await;
     assert!(!host_sandbox::alive(vmm.pid));
     let log = read(&vmm.dir.join(vmm_sandbox::VMM_LOG));
     assert!(
@@ -463,7 +490,12 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     let vmm = start_vmm(tmp.path(), "stopped", &elf, "guest.idle").await;
     // SAFETY: kill(2) takes plain integers; the PID is the VMM this test started.
     assert_eq!(unsafe { libc::kill(vmm.pid, libc::SIGSTOP) }, 0);
-    vmm_sandbox::end_vmm(&vmm.dir, vmm.pid, Duration::from_secs(1)).await;
+    vmm_sandbox::end_vmm(
+        &vmm.socket,
+        Proc::of(vmm.pid).expect("the VMM"),
+        Duration::from_secs(1),
+    )
+    .await;
     assert!(
         !host_sandbox::alive(vmm.pid),
         "a stopped VMM must be SIGKILLed"

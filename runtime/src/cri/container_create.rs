@@ -14,7 +14,6 @@ use super::store::{
     ContainerRecord, ContainerState, ExecBase, MountRecord, SandboxState, StdioConfig,
 };
 use super::{Container, Cri, CriError, lock, new_id, now_ns};
-use crate::sandbox::shared_fs::Share;
 
 impl Cri {
     pub(super) async fn create_container(
@@ -61,8 +60,6 @@ impl Cri {
         let image = self.images.resolve(&image_ref)?;
         let log_path = self.log_path(&srec.log_directory, &config.log_path)?;
         let mounts = mounts(&config, srec.is_vm())?;
-        // The vmpod VMM hot-plugs the image's disk now if the pod lacks it.
-        let srec = self.ensure_image_disk(&sandbox, &image).await?;
         let security = config
             .linux
             .as_ref()
@@ -108,35 +105,39 @@ impl Cri {
             ));
         }
         let mut agent_client = sandbox.agent()?;
-        // VM pods: volumes, and an image that has no boot disk, reach the
-        // guest through the pod's virtio-fs share (shared_fs.rs).
-        let share = srec
-            .is_vm()
-            .then(|| Share::new(&self.state.sandbox_dir(&srec.id)));
-        let boot_disk = srec.image_disks.get(&image.id);
-        let exposed = match &share {
-            Some(share) => {
-                let late_image = boot_disk.is_none().then_some(image.erofs_path.as_path());
-                Some(share.expose(&id, &mounts, late_image)?)
+        // The backend makes the image and volumes reachable by the agent
+        // (a disk in a block slot, the VM's share, or the node's paths).
+        let dir = self.state.sandbox_dir(&srec.id);
+        let in_use: std::collections::BTreeSet<String> = self
+            .containers_of(&srec.id)
+            .iter()
+            .map(|c| lock(&c.rec).image_id.clone())
+            .collect();
+        let mut backend = srec.backend.clone().ok_or_else(|| {
+            CriError::FailedPrecondition(format!("pod sandbox {} has no backend", srec.id))
+        })?;
+        let exposed = backend.expose(&dir, &id, &image, &mounts, &in_use).await?;
+        // A disk attached now is recorded before anything else: unrecorded,
+        // its slot would look free to a restarted daemon.
+        if srec.backend.as_ref() != Some(&backend) {
+            let r = {
+                let mut r = lock(&sandbox.rec);
+                r.backend = Some(backend.clone());
+                r.clone()
+            };
+            if let Err(e) = self.state.save_sandbox(&r) {
+                let _ = backend.withdraw(&dir, &id);
+                backend.release_images(&in_use).await;
+                lock(&sandbox.rec).backend = Some(backend);
+                return Err(e.into());
             }
-            None => None,
-        };
+        }
         let withdraw = || {
-            if let Some(share) = &share
-                && let Err(e) = share.withdraw(&id)
-            {
-                tracing::warn!(container = %id, error = %super::error_chain(&e), "withdrawing a failed container's share");
+            if let Err(e) = backend.withdraw(&dir, &id) {
+                tracing::warn!(container = %id, error = %super::error_chain(&e), "withdrawing a failed container's volumes");
             }
         };
-        let rootfs_source = match (&exposed, boot_disk) {
-            (None, _) => image.erofs_path.display().to_string(),
-            (Some(_), Some(serial)) => format!("serial:{serial}"),
-            (Some(e), None) => e.rootfs_source.clone().unwrap_or_default(),
-        };
-        let mount_sources: Vec<String> = match &exposed {
-            Some(e) => e.mount_sources.clone(),
-            None => mounts.iter().map(|m| m.host_path.clone()).collect(),
-        };
+        let (rootfs_source, mount_sources) = (exposed.rootfs_source, exposed.mount_sources);
         let created = agent_client
             .create_container(agent::CreateContainerRequest {
                 container_id: id.clone(),

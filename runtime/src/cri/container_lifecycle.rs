@@ -292,13 +292,34 @@ impl Cri {
                     Err(s) if s.code() == tonic::Code::NotFound => {}
                     Err(s) => return Err(CriError::agent("RemoveContainer")(s)),
                 }
-                // The rootfs is released: an image no other container of
-                // the pod uses leaves its block slot (vmpod VMs).
-                self.release_unused_disks(&sandbox, Some(&rec.id)).await;
             }
-            if sandbox.rec().is_vm() {
-                crate::sandbox::shared_fs::Share::new(&self.state.sandbox_dir(&rec.sandbox_id))
-                    .withdraw(&rec.id)?;
+            // The backend lets go of the container's volumes and, once the
+            // agent released the rootfs, of images no other container of
+            // the pod uses (a vmpod VM's block slots).
+            let srec = sandbox.rec();
+            if let Some(mut backend) = srec.backend.clone() {
+                let dir = self.state.sandbox_dir(&srec.id);
+                backend.withdraw(&dir, &rec.id)?;
+                if lock(&sandbox.agent).is_some() {
+                    let in_use: std::collections::BTreeSet<String> = self
+                        .containers_of(&srec.id)
+                        .iter()
+                        .map(|c| c.rec())
+                        .filter(|c| c.id != rec.id)
+                        .map(|c| c.image_id)
+                        .collect();
+                    backend.release_images(&in_use).await;
+                }
+                if srec.backend.as_ref() != Some(&backend) {
+                    let r = {
+                        let mut r = lock(&sandbox.rec);
+                        r.backend = Some(backend);
+                        r.clone()
+                    };
+                    if let Err(e) = self.state.save_sandbox(&r) {
+                        tracing::warn!(sandbox = %r.id, error = %super::error_chain(&e), "saving the sandbox");
+                    }
+                }
             }
         }
         {

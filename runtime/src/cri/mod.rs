@@ -25,8 +25,6 @@ pub mod serve;
 pub mod service;
 mod stats;
 pub mod store;
-pub mod vm_sandbox;
-pub mod vmm_sandbox;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,7 +34,8 @@ use tonic::transport::Channel;
 use vmpod_proto::v1::agent_client::AgentClient;
 
 use crate::config::Config;
-use crate::network::{cni, tap};
+use crate::network::cni;
+use crate::sandbox::SandboxError;
 use crate::sandbox::shared_fs;
 use image::ImageResolver;
 use store::{ContainerRecord, SandboxRecord, StateDir};
@@ -71,17 +70,13 @@ pub enum CriError {
     #[error(transparent)]
     Netns(#[from] crate::network::netns::NetnsError),
     #[error(transparent)]
-    Cgroup(#[from] crate::sandbox::cgroups::CgroupError),
+    Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
     #[error(transparent)]
     SharedFs(#[from] shared_fs::SharedFsError),
     #[error(transparent)]
-    VmmSandbox(#[from] vmm_sandbox::VmmSandboxError),
-    #[error(transparent)]
     Cni(#[from] cni::CniError),
-    #[error(transparent)]
-    VmNetwork(#[from] tap::VmNetworkError),
     #[error(transparent)]
     Streaming(#[from] crate::streaming::StreamingError),
     #[error("the agent cannot be reached")]
@@ -108,6 +103,21 @@ impl CriError {
                 | shared_fs::SharedFsError::UnsupportedSource(_),
             ) => Code::InvalidArgument,
             CriError::SharedFs(shared_fs::SharedFsError::NoShare) => Code::FailedPrecondition,
+            CriError::Sandbox(e) => match e {
+                SandboxError::Precondition(_) => Code::FailedPrecondition,
+                SandboxError::Invalid(_) => Code::InvalidArgument,
+                SandboxError::Timeout(_) => Code::DeadlineExceeded,
+                SandboxError::Exhausted(_) => Code::ResourceExhausted,
+                SandboxError::AgentUnreachable(_) => Code::Unavailable,
+                SandboxError::SharedFs(
+                    shared_fs::SharedFsError::MissingSource(_)
+                    | shared_fs::SharedFsError::UnsupportedSource(_),
+                ) => Code::InvalidArgument,
+                SandboxError::SharedFs(shared_fs::SharedFsError::NoShare) => {
+                    Code::FailedPrecondition
+                }
+                _ => Code::Internal,
+            },
             CriError::Streaming(crate::streaming::StreamingError::TooManyTokens(_)) => {
                 Code::ResourceExhausted
             }
@@ -115,10 +125,7 @@ impl CriError {
             | CriError::Store(_)
             | CriError::Spawn(_)
             | CriError::Netns(_)
-            | CriError::Cgroup(_)
-            | CriError::VmmSandbox(_)
             | CriError::Cni(_)
-            | CriError::VmNetwork(_)
             | CriError::Image(_)
             | CriError::SharedFs(_)
             | CriError::Streaming(_) => Code::Internal,

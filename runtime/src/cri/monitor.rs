@@ -7,26 +7,19 @@
 //! Pidfds name one process, so a reused PID cannot fool the watch: the
 //! recorded start time is checked after the pidfd is opened.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Weak};
 
 use tokio::io::unix::AsyncFd;
 
 use super::store::SandboxState;
 use super::{Cri, Sandbox, lock};
+use crate::process::Proc;
 
-/// A pidfd for `pid` if it is still the process the record names.
-fn pidfd(pid: i32, owned: impl Fn(i32) -> bool) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1;
-    // no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
-    // SAFETY: the syscall just returned this fd; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Checked after opening: if the PID was reused before, this is not ours.
-    if !owned(pid) {
-        return None;
-    }
+/// A pidfd for `p`, registered with the reactor, if it is still that
+/// process.
+fn watch(p: &Proc) -> Option<AsyncFd<OwnedFd>> {
+    let fd = p.pidfd()?;
     // SAFETY: `OwnedFd` holds an open pidfd, moves into the AsyncFd and is
     // closed only when the AsyncFd drops; its raw fd never changes.
     unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
@@ -38,18 +31,15 @@ impl Cri {
     /// watches then report them EXITED with reason Unknown).
     pub(super) fn monitor(self: &Arc<Self>, sandbox: Arc<Sandbox>) {
         let rec = sandbox.rec();
-        let pids: Vec<i32> = [rec.agent_pid, rec.vmm_pid, rec.vsock_pid]
-            .into_iter()
-            .flatten()
-            .collect();
+        let vital = rec.backend.as_ref().map(|b| b.vital()).unwrap_or_default();
         let mut fds = Vec::new();
-        for pid in pids {
-            match pidfd(pid, |p| rec.owns(p)) {
-                Some(fd) => fds.push((pid, fd)),
+        for p in vital {
+            match watch(&p) {
+                Some(fd) => fds.push((p.pid, fd)),
                 None => {
                     // Already gone: the next status call sees it too, but
                     // say it now.
-                    self.mark_dead(&sandbox, pid);
+                    self.mark_dead(&sandbox, p.pid);
                     return;
                 }
             }

@@ -1,6 +1,7 @@
 //! StopPodSandbox, RemovePodSandbox (both idempotent: an unknown ID is
-//! success, as the kubelet retries them) and the re-adoption of sandboxes
-//! persisted by an earlier daemon.
+//! success, as the kubelet retries them), the re-adoption of sandboxes
+//! persisted by an earlier daemon, and the reaper that finishes the undo
+//! of UNKNOWN sandboxes.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,27 +46,12 @@ impl Cri {
                 tracing::warn!(sandbox = %rec.id, %status, "agent Shutdown failed; killing it");
             }
         }
-        // Only processes that are still ours: a PID may have been reused.
-        if let Some(pid) = rec.agent_pid.filter(|&p| rec.owns(p)) {
-            crate::process::end_process(pid, SHUTDOWN_TIMEOUT).await;
-        }
-        // A VM guest ends by rebooting, which QEMU (-no-reboot) and our
-        // VMM (reboot=k) turn into their exit; then QEMU's vsock backend
-        // goes. Our VMM is also asked through its control socket.
-        if let Some(pid) = rec.vmm_pid.filter(|&p| rec.owns(p)) {
-            super::vmm_sandbox::end_vmm(&self.state.sandbox_dir(&rec.id), pid, SHUTDOWN_TIMEOUT)
-                .await;
-        }
-        if let Some(pid) = rec.vsock_pid.filter(|&p| rec.owns(p)) {
-            crate::process::end_process(pid, Duration::ZERO).await;
-        }
-        if let Some(pid) = rec.virtiofsd_pid.filter(|&p| rec.owns(p)) {
-            crate::process::end_process(pid, Duration::ZERO).await;
-        }
-        // Nothing reads the share once the VM is gone: a stopped pod holds
-        // no host mounts.
-        if rec.is_vm() {
-            shared_fs::Share::new(&self.state.sandbox_dir(&rec.id)).teardown()?;
+        // The backend's processes (only those still ours: a PID may have
+        // been reused) and its host mounts.
+        if let Some(backend) = &rec.backend {
+            backend
+                .stop(&self.state.sandbox_dir(&rec.id), SHUTDOWN_TIMEOUT)
+                .await?;
         }
         // Host pods' containers, VM pods' host processes.
         crate::sandbox::cgroups::remove_cgroups(&rec.cgroup_parent).await;
@@ -76,7 +62,6 @@ impl Cri {
             let r = {
                 let mut r = lock(&sandbox.rec);
                 r.cni = None;
-                r.tap = None;
                 r.clone()
             };
             self.state.save_sandbox(&r)?;
@@ -114,7 +99,9 @@ impl Cri {
         }
         let rec = {
             let mut r = lock(&sandbox.rec);
-            r.state = SandboxState::NotReady;
+            if r.state == SandboxState::Ready {
+                r.state = SandboxState::NotReady;
+            }
             r.clone()
         };
         self.state.save_sandbox(&rec)?;
@@ -132,6 +119,9 @@ impl Cri {
             Err(e) => return Err(e),
         };
         let _op = sandbox.op.lock().await;
+        if lock(&sandbox.rec).state == SandboxState::Unknown {
+            return self.finish_unknown(&sandbox).await;
+        }
         // Removing a ready pod stops it first (containerd refuses instead;
         // the kubelet always stops first, so both agree for it).
         // A pod whose agent died was never stopped: its network still
@@ -159,28 +149,38 @@ impl Cri {
 
     /// Loads every persisted sandbox and container; reconnects to the
     /// agents of those that were ready. A sandbox whose agent is gone is
-    /// NOTREADY, its running containers EXITED with reason Unknown.
+    /// NOTREADY, its running containers EXITED with reason Unknown. A
+    /// CREATING record is a creation an earlier daemon did not finish: it
+    /// becomes UNKNOWN, and the reaper runs its journaled undo before the
+    /// daemon serves.
     pub async fn adopt(self: &Arc<Self>) {
-        super::vmm_sandbox::sweep_unfinished(&self.state).await;
+        self.sweep_recordless_dirs();
         for (mut rec, containers) in self.state.load() {
             let mut agent = None;
-            if rec.state == SandboxState::Ready {
-                if rec.main_alive() {
-                    match agent_client::connect_ready(&rec.agent_addr(), Duration::from_secs(5))
-                        .await
-                    {
-                        Ok(a) => agent = Some(a),
-                        Err(e) => {
-                            tracing::warn!(sandbox = %rec.id, error = %super::error_chain(&e), "cannot reach the agent")
-                        }
-                    }
-                }
-                if agent.is_none() {
-                    rec.state = SandboxState::NotReady;
+            match rec.state {
+                SandboxState::Creating => {
+                    rec.state = SandboxState::Unknown;
                     let _ = self.state.save_sandbox(&rec);
                 }
+                SandboxState::Ready => {
+                    if rec.main_alive() {
+                        match agent_client::connect_ready(&rec.agent_addr(), Duration::from_secs(5))
+                            .await
+                        {
+                            Ok(a) => agent = Some(a),
+                            Err(e) => {
+                                tracing::warn!(sandbox = %rec.id, error = %super::error_chain(&e), "cannot reach the agent")
+                            }
+                        }
+                    }
+                    if agent.is_none() {
+                        rec.state = SandboxState::NotReady;
+                        let _ = self.state.save_sandbox(&rec);
+                    }
+                }
+                SandboxState::NotReady | SandboxState::Unknown => {}
             }
-            tracing::info!(sandbox = %rec.id, ready = agent.is_some(), "adopted pod sandbox");
+            tracing::info!(sandbox = %rec.id, state = ?rec.state, ready = agent.is_some(), "adopted pod sandbox");
             let sandbox = Arc::new(Sandbox {
                 rec: Mutex::new(rec.clone()),
                 op: tokio::sync::Mutex::new(()),
@@ -209,5 +209,95 @@ impl Cri {
                 }
             }
         }
+        self.reap().await;
+    }
+
+    /// A sandbox dir without a record: a creation that died before its
+    /// first journal write. Nothing was started for it yet.
+    fn sweep_recordless_dirs(&self) {
+        let Ok(entries) = std::fs::read_dir(self.state.sandboxes()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            if dir.join("sandbox.json").exists() {
+                continue;
+            }
+            match crate::sandbox::shared_fs::remove_sandbox_dir(&dir) {
+                Ok(()) => {
+                    tracing::warn!(dir = %dir.display(), "removed a sandbox dir without a record")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %super::error_chain(&e), "a sandbox dir without a record")
+                }
+            }
+        }
+    }
+
+    /// Runs the undo of every UNKNOWN sandbox; those done are gone.
+    pub async fn reap(&self) {
+        let unknown: Vec<Arc<Sandbox>> = lock(&self.sandboxes)
+            .values()
+            .filter(|s| lock(&s.rec).state == SandboxState::Unknown)
+            .cloned()
+            .collect();
+        for sandbox in unknown {
+            let _op = sandbox.op.lock().await;
+            if let Err(e) = self.finish_unknown(&sandbox).await {
+                tracing::warn!(error = %super::error_chain(&e), "the reaper could not finish a sandbox");
+            }
+        }
+    }
+
+    /// Reaps UNKNOWN sandboxes every `period` while the runtime lives.
+    pub fn spawn_reaper(self: &Arc<Self>, period: Duration) {
+        let cri = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(cri) = cri.upgrade() else {
+                    return;
+                };
+                cri.reap().await;
+            }
+        });
+    }
+
+    /// Runs an UNKNOWN sandbox's remaining undo steps (the caller holds its
+    /// op lock). Done: the sandbox is gone. Otherwise the steps still to do
+    /// are saved and the call fails.
+    async fn finish_unknown(
+        &self,
+        sandbox: &Sandbox,
+    ) -> Result<RemovePodSandboxResponse, CriError> {
+        let rec = sandbox.rec();
+        if rec.state != SandboxState::Unknown {
+            return Ok(RemovePodSandboxResponse {});
+        }
+        // Whatever the backend got to start, even if unjournaled.
+        if let Some(backend) = &rec.backend {
+            backend.kill();
+        }
+        let left = crate::sandbox::Rollback::from_steps(rec.undo.clone())
+            .run()
+            .await;
+        if left.is_empty() {
+            let _ = std::fs::remove_dir_all(self.state.socket_dir(&rec.id));
+            lock(&self.sandboxes).remove(&rec.id);
+            tracing::info!(sandbox = %rec.id, "an UNKNOWN pod sandbox is undone and removed");
+            return Ok(RemovePodSandboxResponse {});
+        }
+        let count = left.len();
+        let r = {
+            let mut r = lock(&sandbox.rec);
+            r.undo = left;
+            r.clone()
+        };
+        self.state.save_sandbox(&r)?;
+        Err(CriError::Internal(format!(
+            "pod sandbox {} is not fully undone yet: {count} steps are left (see its verbose \
+             status); vmpod retries them",
+            rec.id
+        )))
     }
 }

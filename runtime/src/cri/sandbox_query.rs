@@ -12,7 +12,11 @@ use super::{Cri, CriError, labels_match, lock};
 fn cri_state(s: SandboxState) -> i32 {
     (match s {
         SandboxState::Ready => PodSandboxState::SandboxReady,
-        SandboxState::NotReady => PodSandboxState::SandboxNotready,
+        // The CRI has no UNKNOWN for sandboxes; CREATING ones are not
+        // listed.
+        SandboxState::NotReady | SandboxState::Unknown | SandboxState::Creating => {
+            PodSandboxState::SandboxNotready
+        }
     }) as i32
 }
 
@@ -68,16 +72,15 @@ impl Cri {
         if req.verbose {
             let verbose = serde_json::json!({
                 "backend": rec.backend,
+                "state": rec.state,
                 "handler": rec.resolved_handler,
                 "pid": rec.main_pid(),
-                "vsockPid": rec.vsock_pid,
-                "imageDisks": rec.image_disks,
-                "agentSocket": rec.agent_socket,
+                "agent": rec.agent_addr().to_string(),
                 "netns": rec.netns,
                 "cniNetwork": rec.cni.as_ref().map(|a| &a.network.name),
                 "cniResult": rec.cni.as_ref().map(|a| &a.result),
-                "tap": rec.tap,
                 "cgroupParent": rec.cgroup_parent,
+                "undo": rec.undo,
             });
             info.insert("info".to_string(), verbose.to_string());
         }

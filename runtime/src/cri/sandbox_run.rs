@@ -1,32 +1,32 @@
 //! RunPodSandbox: checks the pod's isolation against the handler's policy,
 //! makes the pod's network namespace and runs CNI ADD in it (when the node
-//! has a CNI network), then starts the agent in it (host backend) or a VM
-//! whose tap is wired to the namespace's eth0 (VM backend), and configures
-//! the pod through SetupSandbox. Each step registers its undo; a failure
-//! runs them in reverse, so nothing leaks.
+//! has a CNI network), then has the handler's sandbox backend start the
+//! agent or VM (`crate::sandbox`), and configures the pod through
+//! SetupSandbox.
+//!
+//! The creation is a persisted state machine: its record is written
+//! CREATING right after the sandbox dir exists, and every side effect's
+//! undo step is journaled into it as it happens (`sandbox::rollback`). A
+//! failure runs the steps in reverse; a step that fails leaves the sandbox
+//! UNKNOWN (listed, removable) for the reaper to finish, as does a daemon
+//! that dies mid-creation.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use k8s_cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 
 use super::store::{SandboxRecord, SandboxState};
 use super::{Cri, CriError, Sandbox, new_id, now_ns};
-use super::{vm_sandbox, vmm_sandbox};
-use crate::agent_client;
-use crate::config::{Backend, Hypervisor};
+use crate::config::Backend;
 use crate::network::cni::{self, NetworkList};
-use crate::network::tap as vm_network;
-use crate::sandbox::host::AgentLaunch;
-
-/// How long a new host agent has to answer Health.
-const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::sandbox::{BackendKind, BackendState, Rollback, StartSpec, Step, vm};
 
 impl Cri {
     /// The kubelet cancels RunPodSandbox at its deadline, and tonic then
     /// drops this future. So the creation runs in a task of its own that
-    /// always finishes: the pod ends up ready (listed, for the kubelet to
-    /// find or remove), or its rollback has run. Nothing is left half made.
+    /// always finishes: the pod ends up ready, or its rollback has run.
+    /// A pod whose caller is gone by then is stopped and removed, as
+    /// containerd does: nobody knows its ID. Nothing is left half made.
     pub(super) async fn run_pod_sandbox(
         self: &Arc<Self>,
         req: RunPodSandboxRequest,
@@ -34,8 +34,10 @@ impl Cri {
         use tracing::Instrument;
         let cri = self.clone();
         let span = tracing::Span::current();
+        // Dropped with this future: the task then knows the caller left.
+        let (_caller, gone) = tokio::sync::oneshot::channel::<()>();
         let create = async move {
-            let result = cri.create_pod_sandbox(req).await;
+            let result = cri.create_pod_sandbox(req, gone).await;
             // The caller may be gone: say here how it ended.
             if let Err(e) = &result {
                 tracing::info!(error = %super::error_chain(e), "pod sandbox not created; rolled back");
@@ -50,6 +52,7 @@ impl Cri {
     async fn create_pod_sandbox(
         self: &Arc<Self>,
         req: RunPodSandboxRequest,
+        mut caller: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<RunPodSandboxResponse, CriError> {
         let config = req
             .config
@@ -162,6 +165,14 @@ impl Cri {
         } else {
             config.hostname.clone()
         };
+        let kind = BackendKind::of(&handler);
+        // VMs are sized before anything is made: a pod asking for more
+        // than the handler allows fails without side effects.
+        let handler = if kind.is_vm() {
+            vm::sized_handler(&handler, config.linux.as_ref())?
+        } else {
+            handler
+        };
         let rec = SandboxRecord {
             id: id.clone(),
             name: meta.name,
@@ -172,12 +183,10 @@ impl Cri {
             annotations: config.annotations.into_iter().collect(),
             runtime_handler: req.runtime_handler,
             resolved_handler: handler_name,
-            state: SandboxState::Ready,
+            state: SandboxState::Creating,
             created_at: now_ns(),
             log_directory: config.log_directory,
             hostname: hostname.clone(),
-            agent_pid: None,
-            agent_socket: self.state.socket_dir(&id).join("agent.sock"),
             // Host pods always get their own namespace; VM pods one for
             // their network (QEMU and the tap live there).
             netns: (!host_network && (host_backend || network.is_some()))
@@ -193,55 +202,85 @@ impl Cri {
             host_network,
             pid_mode: ns.pid,
             ipc_mode: ns.ipc,
-            backend: String::from(if host_backend { "host" } else { "vm" }),
-            vmm_pid: None,
-            vsock_pid: None,
-            virtiofsd_pid: None,
-            image_disks: Default::default(),
-            pid_starts: Default::default(),
+            backend: None,
             cni: None,
-            tap: None,
             port_mappings,
+            undo: Vec::new(),
         };
         let mut undo = Rollback::default();
-        let result = if host_backend {
-            self.start_host_sandbox(
-                rec,
-                network.as_ref(),
-                config.dns_config,
-                config.linux,
-                &mut undo,
-            )
-            .await
-        } else {
-            self.start_vm_sandbox(
-                rec,
+        let result = self
+            .start_sandbox(
+                rec.clone(),
+                kind,
                 &handler,
                 network.as_ref(),
                 config.dns_config,
                 config.linux,
                 &mut undo,
             )
-            .await
-        };
+            .await;
         match result {
             Ok(sandbox) => {
+                undo.commit();
                 let sandbox = Arc::new(sandbox);
                 super::lock(&self.sandboxes).insert(id.clone(), sandbox.clone());
                 self.monitor(sandbox);
                 tracing::info!(sandbox = %id, "pod sandbox ready");
+                let caller_gone = matches!(
+                    caller.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                );
+                if caller_gone {
+                    // Still holding the pod's name: a retry waits for this.
+                    tracing::info!(sandbox = %id, "RunPodSandbox was cancelled: removing the pod");
+                    self.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+                        pod_sandbox_id: id.clone(),
+                    })
+                    .await?;
+                    return Err(CriError::DeadlineExceeded(format!(
+                        "RunPodSandbox was cancelled; pod sandbox {id} was removed"
+                    )));
+                }
                 Ok(RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {
-                undo.run().await;
+                let left = undo.run().await;
+                if !left.is_empty() {
+                    self.keep_unknown(rec, left);
+                }
                 Err(e)
             }
         }
     }
 
-    async fn start_host_sandbox(
+    /// A creation whose undo failed in part: the sandbox stays, UNKNOWN
+    /// (NOTREADY to the kubelet), with the steps still to do, for
+    /// RemovePodSandbox or the reaper.
+    fn keep_unknown(&self, mut rec: SandboxRecord, left: Vec<Step>) {
+        rec.state = SandboxState::Unknown;
+        rec.undo = left;
+        if let Err(e) = self.state.save_sandbox(&rec) {
+            tracing::warn!(sandbox = %rec.id, error = %super::error_chain(&e), "saving an UNKNOWN sandbox");
+        }
+        tracing::warn!(sandbox = %rec.id, steps = rec.undo.len(), "pod sandbox UNKNOWN: its undo is not finished");
+        super::lock(&self.sandboxes).insert(
+            rec.id.clone(),
+            Arc::new(Sandbox {
+                rec: Mutex::new(rec),
+                op: tokio::sync::Mutex::new(()),
+                agent: Mutex::new(None),
+            }),
+        );
+    }
+
+    /// The sandbox's dirs, network and backend, each side effect
+    /// journaled in `undo` (and so in the CREATING record).
+    #[allow(clippy::too_many_arguments)]
+    async fn start_sandbox(
         &self,
         mut rec: SandboxRecord,
+        kind: BackendKind,
+        handler: &crate::config::Handler,
         network: Option<&NetworkList>,
         dns: Option<k8s_cri::v1::DnsConfig>,
         linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
@@ -250,33 +289,56 @@ impl Cri {
         let dir = self.state.sandbox_dir(&rec.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
-        undo.push(Step::RemoveDir(dir.clone()));
-        self.make_socket_dir(&rec.id, undo)?;
-        if let Some(netns) = &rec.netns {
-            crate::network::netns::create_netns(netns)?;
-            undo.push(Step::RemoveNetns(netns.clone()));
+        // From here on every step is on disk before the next side effect.
+        let state = self.state.clone();
+        let mut journaled = rec.clone();
+        undo.journal_to(Box::new(move |steps| {
+            journaled.undo = steps.to_vec();
+            if let Err(e) = state.save_sandbox(&journaled) {
+                tracing::warn!(sandbox = %journaled.id, error = %crate::error_chain(&e), "journaling an undo step");
+            }
+        }));
+        undo.push(Step::RemoveDir { path: dir.clone() });
+        let sockets = self.make_socket_dir(&rec.id, undo)?;
+        let mut addressed = None;
+        if let Some(netns) = rec.netns.clone() {
+            crate::network::netns::create_netns(&netns)?;
+            undo.push(Step::RemoveNetns { path: netns });
             if let Some(network) = network {
                 self.attach_network(&mut rec, network, undo).await?;
+                // A network that gives the pod no address (loopback only)
+                // gives a VM no NIC.
+                addressed = rec
+                    .cni
+                    .as_ref()
+                    .map(|a| a.result.clone())
+                    .filter(|r| !cni::pod_network(r).ips.is_empty());
             }
         }
         let binary = self.config.agent_binary();
-        let pid = crate::sandbox::host::spawn_agent(&AgentLaunch {
-            binary: &binary,
-            socket: &rec.agent_socket,
-            state_dir: &dir.join("agent"),
+        let images = if kind == BackendKind::Qemu {
+            self.images.list()
+        } else {
+            Vec::new()
+        };
+        let spec = StartSpec {
+            id: &rec.id,
+            dir: &dir,
+            sockets: &sockets,
+            handler,
             cgroup_parent: &rec.cgroup_parent,
             netns: rec.netns.as_deref(),
-            log: &dir.join("agent.log"),
+            addressed: addressed.as_ref(),
             host_pid: rec.pid_mode == NamespaceMode::Node as i32,
             host_ipc: rec.ipc_mode == NamespaceMode::Node as i32,
-        })?;
-        undo.push(Step::KillAgent(pid, rec.cgroup_parent.clone()));
-        rec.agent_pid = Some(pid);
-        rec.note_pid(pid);
-        let agent = agent_client::connect_ready(&rec.agent_addr(), AGENT_READY_TIMEOUT)
+            agent_binary: &binary,
+            images: &images,
+        };
+        let (backend, started) = BackendState::start(kind, &spec, undo).await?;
+        rec.backend = Some(backend);
+        rec.state = SandboxState::Ready;
+        self.setup(rec, started.agent, dns, linux, started.interfaces)
             .await
-            .map_err(CriError::AgentUnreachable)?;
-        self.setup(rec, agent, dns, linux, Vec::new()).await
     }
 
     /// CNI ADD in the pod's namespace; the attachment goes into the record
@@ -314,98 +376,12 @@ impl Cri {
             }
         };
         tracing::info!(sandbox = %rec.id, network = %network.name, "pod network attached");
-        undo.push(Step::CniDel(bins, Box::new(att.clone())));
+        undo.push(Step::CniDel {
+            bins,
+            attachment: Box::new(att.clone()),
+        });
         rec.cni = Some(att);
         Ok(())
-    }
-
-    async fn start_vm_sandbox(
-        &self,
-        mut rec: SandboxRecord,
-        handler: &crate::config::Handler,
-        network: Option<&NetworkList>,
-        dns: Option<k8s_cri::v1::DnsConfig>,
-        linux: Option<k8s_cri::v1::LinuxPodSandboxConfig>,
-        undo: &mut Rollback,
-    ) -> Result<Sandbox, CriError> {
-        // vCPUs and memory: the handler's plus the pod's limits, on both
-        // hypervisors.
-        let handler = &vmm_sandbox::sized_handler(handler, linux.as_ref())?;
-        // The pod's network first: its namespace, CNI ADD there.
-        let mut addressed = None;
-        if let (Some(netns), Some(network)) = (rec.netns.clone(), network) {
-            crate::network::netns::create_netns(&netns)?;
-            undo.push(Step::RemoveNetns(netns.clone()));
-            self.attach_network(&mut rec, network, undo).await?;
-            let result = rec
-                .cni
-                .as_ref()
-                .map(|a| a.result.clone())
-                .unwrap_or_default();
-            // A network that gives the pod no address (loopback only) gives
-            // the VM no NIC.
-            if !cni::pod_network(&result).ips.is_empty() {
-                addressed = Some((netns, result));
-            }
-        }
-        if handler.hypervisor() == Hypervisor::Vmpod {
-            if addressed.is_some() {
-                return Err(CriError::FailedPrecondition(
-                    "the node's CNI network gives pods an address, but the vmpod hypervisor has \
-                     no network device yet; use a handler with hypervisor = \"qemu\""
-                        .into(),
-                ));
-            }
-            return self.start_vmm_sandbox(rec, handler, dns, linux, undo).await;
-        }
-        let dir = self.state.sandbox_dir(&rec.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| CriError::Internal(format!("creating {}: {e}", dir.display())))?;
-        undo.push(Step::RemoveDir(dir.clone()));
-        let sockets = self.make_socket_dir(&rec.id, undo)?;
-        let mut nic = None;
-        if let Some((netns, result)) = addressed {
-            // The tap dies with the namespace; nothing to undo by itself.
-            let guest = vm_network::connect(&netns, &result).await?;
-            rec.tap = Some(guest.tap.clone());
-            nic = Some(guest);
-        }
-        let images = self.images.list();
-        // Before the VM starts: its share's mounts go before its dir.
-        undo.push(Step::TearDownShare(dir.clone()));
-        let vm = vm_sandbox::start(&dir, &sockets, handler, &images, nic.as_ref())?;
-        undo.push(Step::KillProcess(vm.virtiofsd_pid));
-        undo.push(Step::KillVm(vm.vmm_pid, vm.vsock_pid));
-        undo.push(Step::RemoveCgroups(rec.cgroup_parent.clone()));
-        crate::sandbox::cgroups::join_cgroups(
-            &rec.cgroup_parent,
-            &[vm.vmm_pid, vm.vsock_pid, vm.virtiofsd_pid],
-        )?;
-        rec.vmm_pid = Some(vm.vmm_pid);
-        rec.vsock_pid = Some(vm.vsock_pid);
-        rec.virtiofsd_pid = Some(vm.virtiofsd_pid);
-        rec.note_pid(vm.vmm_pid);
-        rec.note_pid(vm.vsock_pid);
-        rec.note_pid(vm.virtiofsd_pid);
-        rec.agent_socket = vm.uds;
-        rec.image_disks = vm.image_disks;
-        let booted = std::time::Instant::now();
-        vm_sandbox::wait_console_ready(&dir, &rec, handler.boot_timeout()).await?;
-        let left = handler
-            .boot_timeout()
-            .saturating_sub(booted.elapsed())
-            .max(Duration::from_secs(10));
-        let agent = agent_client::connect_ready(&rec.agent_addr(), left)
-            .await
-            .map_err(|e| {
-                CriError::Internal(format!(
-                    "the pod VM's agent did not answer: {}\nconsole:\n{}",
-                    super::error_chain(&e),
-                    vm_sandbox::console_tail(&dir)
-                ))
-            })?;
-        let interfaces = nic.map(|n| vec![n.interface]).unwrap_or_default();
-        self.setup(rec, agent, dns, linux, interfaces).await
     }
 
     /// Creates the sandbox's socket dir (it must be new: its name is a
@@ -422,12 +398,14 @@ impl Cri {
         }
         std::fs::create_dir(&sockets)
             .map_err(|e| CriError::Internal(format!("creating {}: {e}", sockets.display())))?;
-        undo.push(Step::RemoveDir(sockets.clone()));
+        undo.push(Step::RemoveDir {
+            path: sockets.clone(),
+        });
         Ok(sockets)
     }
 
     /// SetupSandbox, then the record is persisted: the sandbox exists.
-    pub(super) async fn setup(
+    async fn setup(
         &self,
         rec: SandboxRecord,
         mut agent: vmpod_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
@@ -483,69 +461,6 @@ fn pod_cgroup(parent: &str, id: &str) -> Result<String, CriError> {
         )));
     }
     Ok(format!("{parent}/{id}"))
-}
-
-/// One undo step of a half-made sandbox.
-#[derive(Debug)]
-pub(super) enum Step {
-    RemoveDir(std::path::PathBuf),
-    RemoveNetns(std::path::PathBuf),
-    KillAgent(i32, String),
-    KillVm(i32, i32),
-    /// SIGKILL one process (virtiofsd, the `vmpod` VMM).
-    KillProcess(i32),
-    TearDownShare(std::path::PathBuf),
-    /// Kill what runs in a pod's cgroups and remove them.
-    RemoveCgroups(String),
-    /// CNI DEL with these bin dirs.
-    CniDel(Vec<std::path::PathBuf>, Box<cni::Attachment>),
-}
-
-/// Undo steps, run in reverse on failure.
-#[derive(Debug, Default)]
-pub(super) struct Rollback(Vec<Step>);
-
-impl Rollback {
-    pub(super) fn push(&mut self, step: Step) {
-        self.0.push(step);
-    }
-
-    async fn run(self) {
-        for step in self.0.into_iter().rev() {
-            tracing::debug!(?step, "rolling back");
-            match step {
-                Step::RemoveDir(dir) => {
-                    // Never through a mount left under it.
-                    if let Err(e) = crate::sandbox::shared_fs::remove_sandbox_dir(&dir) {
-                        tracing::warn!(error = %super::error_chain(&e), "removing a sandbox dir");
-                    }
-                }
-                Step::RemoveNetns(path) => crate::network::netns::remove_netns(&path),
-                Step::CniDel(bins, att) => {
-                    if let Err(e) = cni::del(&bins, &att).await {
-                        tracing::warn!(error = %super::error_chain(&e), "CNI DEL on rollback");
-                    }
-                }
-                Step::KillVm(vmm, vsock) => {
-                    crate::process::end_process(vmm, Duration::ZERO).await;
-                    crate::process::end_process(vsock, Duration::ZERO).await;
-                }
-                Step::KillProcess(pid) => crate::process::end_process(pid, Duration::ZERO).await,
-                Step::RemoveCgroups(parent) => {
-                    crate::sandbox::cgroups::remove_cgroups(&parent).await
-                }
-                Step::TearDownShare(dir) => {
-                    if let Err(e) = crate::sandbox::shared_fs::Share::new(&dir).teardown() {
-                        tracing::warn!(error = %super::error_chain(&e), "tearing down a pod share");
-                    }
-                }
-                Step::KillAgent(pid, cgroup_parent) => {
-                    crate::process::end_process(pid, Duration::ZERO).await;
-                    crate::sandbox::cgroups::remove_cgroups(&cgroup_parent).await;
-                }
-            }
-        }
-    }
 }
 
 /// The node's hostname, which pods without one of their own get.

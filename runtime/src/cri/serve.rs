@@ -15,6 +15,10 @@ use super::image::{ImageResolver, StaticImages, StoreImages};
 use super::service::CriService;
 use crate::config::Config;
 use crate::image::manager::ImageManager;
+
+/// How often UNKNOWN sandboxes (a creation whose undo did not finish) are
+/// retried.
+const REAPER_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::image::service::CriImageService;
 use crate::streaming::StreamingServer;
 
@@ -60,6 +64,7 @@ pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
     cri.set_streaming(streaming);
     let image_service = CriImageService::new(manager, cri.clone());
     cri.adopt().await;
+    cri.spawn_reaper(REAPER_PERIOD);
     let sock_err = |source| ServeError::Socket {
         path: socket.to_path_buf(),
         source,

@@ -6,13 +6,20 @@
 //! <state_dir>/sandboxes/<sandbox id>/containers/<container id>.json
 //! ```
 //!
-//! Files are written to a temporary name and renamed: a crash leaves the old
-//! or the new record, never half of one.
+//! Files are written to a temporary name, fsynced, renamed and the dir
+//! fsynced: a crash leaves the old or the new record, never half of one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::agent_client::AgentAddr;
+use crate::process::Proc;
+use crate::sandbox::host::HostState;
+use crate::sandbox::qemu::QemuState;
+use crate::sandbox::vmm::{self, VmmState};
+use crate::sandbox::{BackendState, Step};
 
 /// Errors from the state dir.
 #[derive(Debug, thiserror::Error)]
@@ -30,18 +37,25 @@ pub enum StoreError {
 /// A pod sandbox's life:
 ///
 /// ```text
-///   RunPodSandbox ──► READY ──StopPodSandbox / agent gone──► NOTREADY
-///                                                                │
-///                                          RemovePodSandbox ◄────┘ (record deleted)
+///   RunPodSandbox ──► CREATING ──► READY ──StopPodSandbox / a sandbox process ended──► NOTREADY
+///                        │                                                              │
+///                        ├─ failed, undone ──► (record deleted)       RemovePodSandbox ◄┘ (record deleted)
+///                        └─ an undo step failed, or the daemon died ──► UNKNOWN ──reaper / RemovePodSandbox──► (deleted)
 /// ```
+///
+/// CREATING and UNKNOWN records carry the undo steps still to do. The CRI
+/// lists UNKNOWN sandboxes as NOTREADY; CREATING ones are not listed.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SandboxState {
+    Creating,
     Ready,
     NotReady,
+    Unknown,
 }
 
 /// Everything the daemon knows about a sandbox.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(from = "SandboxRecordOnDisk")]
 pub struct SandboxRecord {
     pub id: String,
     pub name: String,
@@ -58,95 +72,209 @@ pub struct SandboxRecord {
     pub created_at: i64,
     pub log_directory: String,
     pub hostname: String,
-    /// The host agent's process ID (host backend).
-    pub agent_pid: Option<i32>,
-    /// The agent's unix socket (host backend).
-    pub agent_socket: PathBuf,
     /// The bind-mounted network namespace; None = the node's network.
     pub netns: Option<PathBuf>,
-    /// The agent's cgroup parent (host backend).
+    /// The pod's cgroup (`<kubelet's parent>/<id>`).
     pub cgroup_parent: String,
     pub host_network: bool,
     /// CRI NamespaceMode values (POD=0, CONTAINER=1, NODE=2).
     pub pid_mode: i32,
     pub ipc_mode: i32,
-    /// "host" or "vm".
-    #[serde(default)]
-    pub backend: String,
-    /// VM backend: the VMM (QEMU) and vhost-device-vsock processes.
-    #[serde(default)]
-    pub vmm_pid: Option<i32>,
-    #[serde(default)]
-    pub vsock_pid: Option<i32>,
-    /// VM backend: the pod's virtiofsd (volumes and late images).
-    #[serde(default)]
-    pub virtiofsd_pid: Option<i32>,
-    /// VM backend: image ID → the serial of its disk in the guest.
-    #[serde(default)]
-    pub image_disks: BTreeMap<String, String>,
-    /// PID → its start time, so a PID reused by another process (after the
-    /// sandbox died while vmpod was down, or a reboot) is never taken for,
-    /// or killed as, the sandbox's.
-    #[serde(default)]
-    pub pid_starts: BTreeMap<String, u64>,
+    /// What its backend started and needs to find again; None until the
+    /// backend started (CREATING).
+    pub backend: Option<BackendState>,
     /// The pod's CNI attachment: what DEL needs, even after a restart and
     /// a change of the config files. None = loopback only (or torn down).
-    #[serde(default)]
     pub cni: Option<crate::network::cni::Attachment>,
-    /// VM pods on a CNI network: the tap device in the pod's netns.
-    #[serde(default)]
-    pub tap: Option<String>,
     /// The pod's hostPort mappings, for CNI's `portMappings` capability.
-    #[serde(default)]
     pub port_mappings: Vec<crate::network::cni::PortMapping>,
+    /// CREATING / UNKNOWN: the undo steps still to do, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undo: Vec<Step>,
 }
 
 impl SandboxRecord {
     /// Whether this sandbox runs in a VM.
     pub fn is_vm(&self) -> bool {
-        self.backend == "vm"
+        self.backend.as_ref().is_some_and(BackendState::is_vm)
     }
 
-    /// Where its agent listens: the host agent's socket, or the VM's
-    /// hybrid-vsock socket (`agent_socket` holds it for VMs).
-    pub fn agent_addr(&self) -> crate::agent_client::AgentAddr {
-        if self.is_vm() {
-            crate::agent_client::AgentAddr::HybridVsock {
-                uds: self.agent_socket.clone(),
-                port: vmpod_proto::AGENT_VSOCK_PORT,
-            }
-        } else {
-            crate::agent_client::AgentAddr::Unix(self.agent_socket.clone())
-        }
+    /// Where its agent listens (nowhere before its backend started).
+    pub fn agent_addr(&self) -> AgentAddr {
+        self.backend
+            .as_ref()
+            .map(BackendState::agent_addr)
+            .unwrap_or_else(|| AgentAddr::Unix(PathBuf::new()))
     }
 
-    /// The process whose life is the sandbox's: the VMM or the host agent.
-    pub fn main_pid(&self) -> Option<i32> {
-        if self.is_vm() {
-            self.vmm_pid
-        } else {
-            self.agent_pid
-        }
-    }
-
-    /// Remembers who `pid` is.
-    pub fn note_pid(&mut self, pid: i32) {
-        if let Some(start) = crate::process::start_time(pid) {
-            self.pid_starts.insert(pid.to_string(), start);
-        }
-    }
-
-    /// Whether `pid` is still the process this sandbox started.
-    pub fn owns(&self, pid: i32) -> bool {
-        match self.pid_starts.get(&pid.to_string()) {
-            Some(&start) => crate::process::same_process(pid, start),
-            None => false,
-        }
-    }
-
-    /// Whether the sandbox's main process still runs.
+    /// Whether the sandbox's main process (agent or VMM) still runs.
     pub fn main_alive(&self) -> bool {
-        self.main_pid().is_some_and(|p| self.owns(p))
+        self.backend.as_ref().is_some_and(BackendState::alive)
+    }
+
+    /// The sandbox's main process, for status output.
+    pub fn main_pid(&self) -> Option<i32> {
+        self.backend
+            .as_ref()
+            .and_then(|b| b.vital().first().map(|p| p.pid))
+    }
+}
+
+/// A sandbox record as stored: today's shape, or the flat one of vmpod
+/// before backends had their own state (per-backend optional PIDs, a
+/// `backend` string), which a daemon upgraded under running pods must
+/// still read.
+#[derive(Deserialize)]
+struct SandboxRecordOnDisk {
+    id: String,
+    name: String,
+    uid: String,
+    namespace: String,
+    attempt: u32,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    runtime_handler: String,
+    #[serde(default)]
+    resolved_handler: String,
+    state: SandboxState,
+    #[serde(default)]
+    created_at: i64,
+    #[serde(default)]
+    log_directory: String,
+    #[serde(default)]
+    hostname: String,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    cgroup_parent: String,
+    #[serde(default)]
+    host_network: bool,
+    #[serde(default)]
+    pid_mode: i32,
+    #[serde(default)]
+    ipc_mode: i32,
+    /// Today: a [`BackendState`] (or null); before: "host" or "vm".
+    #[serde(default)]
+    backend: serde_json::Value,
+    #[serde(default)]
+    cni: Option<crate::network::cni::Attachment>,
+    #[serde(default)]
+    port_mappings: Vec<crate::network::cni::PortMapping>,
+    #[serde(default)]
+    undo: Vec<Step>,
+    // The flat shape's fields.
+    #[serde(default)]
+    agent_pid: Option<i32>,
+    #[serde(default)]
+    agent_socket: PathBuf,
+    #[serde(default)]
+    vmm_pid: Option<i32>,
+    #[serde(default)]
+    vsock_pid: Option<i32>,
+    #[serde(default)]
+    virtiofsd_pid: Option<i32>,
+    #[serde(default)]
+    image_disks: BTreeMap<String, String>,
+    #[serde(default)]
+    pid_starts: BTreeMap<String, u64>,
+    #[serde(default)]
+    tap: Option<String>,
+}
+
+impl SandboxRecordOnDisk {
+    /// The backend state of a flat record. PIDs without a recorded start
+    /// time are dropped: they cannot be told from a reused PID.
+    fn flat_backend(&self, kind: &str) -> Option<BackendState> {
+        let proc_of = |pid: Option<i32>| {
+            let pid = pid?;
+            Some(Proc {
+                pid,
+                start: *self.pid_starts.get(&pid.to_string())?,
+            })
+        };
+        let sockets = self.agent_socket.parent().unwrap_or(Path::new(""));
+        match kind {
+            "host" => Some(BackendState::Host(HostState {
+                agent: proc_of(self.agent_pid),
+                socket: self.agent_socket.clone(),
+            })),
+            // Only QEMU pods had a vhost-device-vsock.
+            "vm" if self.vsock_pid.is_none() => {
+                // <state>/s/<prefix>/vsock.sock → <state>/sandboxes/<id>/vmm.json
+                let slots = sockets
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(|state| {
+                        state
+                            .join("sandboxes")
+                            .join(&self.id)
+                            .join(vmm::CONFIG_FILE)
+                    })
+                    .and_then(|p| crate::vmm::config::VmmConfig::from_file(&p).ok())
+                    .map_or(crate::config::DEFAULT_BLOCK_SLOTS as usize, |c| {
+                        c.block.len()
+                    });
+                Some(BackendState::Vmm(VmmState {
+                    vmm: proc_of(self.vmm_pid),
+                    control_socket: sockets.join(vmm::CONTROL_SOCKET),
+                    uds: self.agent_socket.clone(),
+                    block_slots: slots,
+                    image_disks: self.image_disks.clone(),
+                }))
+            }
+            "vm" => Some(BackendState::Qemu(QemuState {
+                qemu: proc_of(self.vmm_pid),
+                vsock: proc_of(self.vsock_pid),
+                virtiofsd: proc_of(self.virtiofsd_pid),
+                uds: self.agent_socket.clone(),
+                image_disks: self.image_disks.clone(),
+                tap: self.tap.clone(),
+            })),
+            _ => None,
+        }
+    }
+}
+
+impl From<SandboxRecordOnDisk> for SandboxRecord {
+    fn from(d: SandboxRecordOnDisk) -> SandboxRecord {
+        let backend = match &d.backend {
+            serde_json::Value::String(kind) => d.flat_backend(kind),
+            serde_json::Value::Null => None,
+            v => match serde_json::from_value::<BackendState>(v.clone()) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(sandbox = %d.id, error = %e, "an unreadable backend state");
+                    None
+                }
+            },
+        };
+        SandboxRecord {
+            id: d.id,
+            name: d.name,
+            uid: d.uid,
+            namespace: d.namespace,
+            attempt: d.attempt,
+            labels: d.labels,
+            annotations: d.annotations,
+            runtime_handler: d.runtime_handler,
+            resolved_handler: d.resolved_handler,
+            state: d.state,
+            created_at: d.created_at,
+            log_directory: d.log_directory,
+            hostname: d.hostname,
+            netns: d.netns,
+            cgroup_parent: d.cgroup_parent,
+            host_network: d.host_network,
+            pid_mode: d.pid_mode,
+            ipc_mode: d.ipc_mode,
+            backend,
+            cni: d.cni,
+            port_mappings: d.port_mappings,
+            undo: d.undo,
+        }
     }
 }
 
@@ -347,4 +475,99 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as vmpod wrote it before backends had their own state.
+    fn flat(backend: &str, extra: &str) -> String {
+        format!(
+            r#"{{"id":"abc","name":"p","uid":"u","namespace":"n","attempt":0,
+            "labels":{{}},"annotations":{{}},"runtime_handler":"","resolved_handler":"vm",
+            "state":"Ready","created_at":1,"log_directory":"","hostname":"h",
+            "agent_pid":null,"agent_socket":"/state/s/abc/vsock.sock","netns":null,
+            "cgroup_parent":"/vmpod/abc","host_network":false,"pid_mode":0,"ipc_mode":0,
+            "backend":"{backend}","pid_starts":{{"10":100,"11":110,"12":120}}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn flat_records_of_older_daemons_are_read_into_backend_states() {
+        let qemu: SandboxRecord = serde_json::from_str(&flat(
+            "vm",
+            r#","vmm_pid":10,"vsock_pid":11,"virtiofsd_pid":12,"image_disks":{"i":"img0"},"tap":"tap0""#,
+        ))
+        .unwrap();
+        assert_eq!(
+            qemu.backend,
+            Some(BackendState::Qemu(QemuState {
+                qemu: Some(Proc {
+                    pid: 10,
+                    start: 100
+                }),
+                vsock: Some(Proc {
+                    pid: 11,
+                    start: 110
+                }),
+                virtiofsd: Some(Proc {
+                    pid: 12,
+                    start: 120
+                }),
+                uds: "/state/s/abc/vsock.sock".into(),
+                image_disks: [("i".to_string(), "img0".to_string())].into(),
+                tap: Some("tap0".into()),
+            }))
+        );
+        let vmm: SandboxRecord =
+            serde_json::from_str(&flat("vm", r#","vmm_pid":10,"vsock_pid":null"#)).unwrap();
+        let Some(BackendState::Vmm(v)) = &vmm.backend else {
+            panic!("{:?}", vmm.backend);
+        };
+        assert_eq!(
+            v.vmm,
+            Some(Proc {
+                pid: 10,
+                start: 100
+            })
+        );
+        assert_eq!(v.control_socket, PathBuf::from("/state/s/abc/vmm.sock"));
+        assert!(vmm.is_vm());
+        let host: SandboxRecord = serde_json::from_str(
+            &flat("host", r#","agent_pid":11"#).replace(r#""agent_pid":null,"#, ""),
+        )
+        .unwrap();
+        assert_eq!(
+            host.backend,
+            Some(BackendState::Host(HostState {
+                agent: Some(Proc {
+                    pid: 11,
+                    start: 110
+                }),
+                socket: "/state/s/abc/vsock.sock".into(),
+            }))
+        );
+        // A PID without a start time cannot be told from a reused one.
+        let unknown: SandboxRecord =
+            serde_json::from_str(&flat("vm", r#","vmm_pid":99,"vsock_pid":11"#)).unwrap();
+        let Some(BackendState::Qemu(q)) = unknown.backend else {
+            panic!()
+        };
+        assert_eq!(q.qemu, None);
+    }
+
+    #[test]
+    fn todays_records_round_trip() {
+        let mut rec: SandboxRecord = serde_json::from_str(&flat("host", "")).unwrap();
+        rec.state = SandboxState::Unknown;
+        rec.undo = vec![Step::RemoveCgroups {
+            parent: "/vmpod/abc".into(),
+        }];
+        let json = serde_json::to_string(&rec).unwrap();
+        let back: SandboxRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.backend, rec.backend);
+        assert_eq!(back.undo, rec.undo);
+        assert_eq!(back.state, SandboxState::Unknown);
+    }
 }

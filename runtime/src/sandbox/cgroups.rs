@@ -67,8 +67,9 @@ pub fn join_cgroups(parent: &str, pids: &[i32]) -> Result<(), CgroupError> {
 }
 
 /// Kills whatever still runs under a sandbox's cgroup parent, in every
-/// hierarchy of the host, and removes the cgroups, deepest first.
-pub async fn remove_cgroups(parent: &str) {
+/// hierarchy of the host, and removes the cgroups, deepest first. False
+/// when some are left (a process that would not die).
+pub async fn remove_cgroups(parent: &str) -> bool {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
         for h in hierarchies.flatten() {
@@ -95,11 +96,12 @@ pub async fn remove_cgroups(parent: &str) {
     for _ in 0..50 {
         dirs.retain(|d| std::fs::remove_dir(d).is_err() && d.exists());
         if dirs.is_empty() {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::warn!(?dirs, "cgroups left behind");
+    false
 }
 
 fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {

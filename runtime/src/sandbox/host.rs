@@ -4,7 +4,106 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::process::{SpawnError, spawn_detached};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Exposed, Rollback, SandboxBackend, SandboxError, StartSpec, Started, Step};
+use crate::agent_client::{self, AgentAddr};
+use crate::cri::image::ResolvedImage;
+use crate::cri::store::MountRecord;
+use crate::process::{Proc, SpawnError, spawn_detached};
+
+/// How long a new host agent has to answer Health.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A host pod: its agent process and socket.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostState {
+    pub agent: Option<Proc>,
+    pub socket: PathBuf,
+}
+
+impl SandboxBackend for HostState {
+    async fn start(
+        spec: &StartSpec<'_>,
+        undo: &mut Rollback,
+    ) -> Result<(Self, Started), SandboxError> {
+        let socket = spec.sockets.join("agent.sock");
+        let pid = spawn_agent(&AgentLaunch {
+            binary: spec.agent_binary,
+            socket: &socket,
+            state_dir: &spec.dir.join("agent"),
+            cgroup_parent: spec.cgroup_parent,
+            netns: spec.netns,
+            log: &spec.dir.join("agent.log"),
+            host_pid: spec.host_pid,
+            host_ipc: spec.host_ipc,
+        })?;
+        let agent = Proc::of(pid);
+        // The agent's containers live in the pod's cgroups: undo those
+        // after the agent (steps run newest first).
+        undo.push(Step::RemoveCgroups {
+            parent: spec.cgroup_parent.to_string(),
+        });
+        if let Some(process) = agent {
+            undo.push(Step::End { process });
+        }
+        let state = HostState { agent, socket };
+        let client = agent_client::connect_ready(&state.agent_addr(), AGENT_READY_TIMEOUT)
+            .await
+            .map_err(SandboxError::AgentUnreachable)?;
+        Ok((
+            state,
+            Started {
+                agent: client,
+                interfaces: Vec::new(),
+            },
+        ))
+    }
+
+    fn agent_addr(&self) -> AgentAddr {
+        AgentAddr::Unix(self.socket.clone())
+    }
+
+    fn vital(&self) -> Vec<Proc> {
+        self.agent.into_iter().collect()
+    }
+
+    fn processes(&self) -> Vec<Proc> {
+        self.vital()
+    }
+
+    async fn stop(&self, _dir: &Path, grace: Duration) -> Result<(), SandboxError> {
+        if let Some(agent) = self.agent {
+            agent.end(grace).await;
+        }
+        Ok(())
+    }
+
+    async fn expose(
+        &mut self,
+        _dir: &Path,
+        _container_id: &str,
+        image: &ResolvedImage,
+        mounts: &[MountRecord],
+        _in_use: &BTreeSet<String>,
+    ) -> Result<Exposed, SandboxError> {
+        // The agent shares the node's filesystem: it stages each mount
+        // itself, from the node's mount namespace.
+        Ok(Exposed {
+            rootfs_source: image.erofs_path.display().to_string(),
+            mount_sources: mounts.iter().map(|m| m.host_path.clone()).collect(),
+        })
+    }
+
+    fn withdraw(&self, _dir: &Path, _container_id: &str) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    async fn release_images(&mut self, _in_use: &BTreeSet<String>) {}
+}
 
 /// What the agent of one host sandbox runs with.
 #[derive(Debug)]

@@ -1,7 +1,316 @@
 //! Sandbox backends: what runs a pod on the host (an agent process in
-//! namespaces) or in a VM (QEMU or vmpod's own VMM), and the host pieces
-//! they share (cgroups, the virtio-fs share).
+//! namespaces) or in a VM (QEMU, or vmpod's own VMM), behind one trait,
+//! [`SandboxBackend`], and the host pieces they share (cgroups, the
+//! virtio-fs share, the undo journal of a creation).
+//!
+//! A sandbox record holds its backend's state as one [`BackendState`]
+//! value (persisted in `sandbox.json`): the processes the backend started,
+//! each named by PID and start time ([`Proc`]), and what the backend needs
+//! to find again after a daemon restart (sockets, block slots, disks).
+//! The RPCs in `cri/` never look inside it; they call the trait.
 
 pub mod cgroups;
 pub mod host;
+pub mod qemu;
+pub mod rollback;
 pub mod shared_fs;
+pub mod vm;
+pub mod vmm;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+use vmpod_proto::v1::agent_client::AgentClient;
+
+use crate::agent_client::AgentAddr;
+use crate::config::Handler;
+use crate::cri::image::ResolvedImage;
+use crate::cri::store::MountRecord;
+use crate::process::Proc;
+pub use rollback::{Rollback, Step};
+
+/// Errors of a sandbox backend. The variants without a source say which
+/// gRPC code the kubelet should see; the others are internal.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The node cannot run this (a missing guest image, no slot left for a
+    /// volume kind): FailedPrecondition.
+    #[error("{0}")]
+    Precondition(String),
+    /// The request asks for something impossible: InvalidArgument.
+    #[error("{0}")]
+    Invalid(String),
+    /// A guest or helper did not answer in time: DeadlineExceeded.
+    #[error("{0}")]
+    Timeout(String),
+    /// A bounded resource ran out: ResourceExhausted.
+    #[error("{0}")]
+    Exhausted(String),
+    /// Something failed on the host or in the guest: Internal.
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Spawn(#[from] crate::process::SpawnError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroups::CgroupError),
+    #[error(transparent)]
+    SharedFs(#[from] shared_fs::SharedFsError),
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    #[error(transparent)]
+    Tap(#[from] crate::network::tap::VmNetworkError),
+    #[error("the agent cannot be reached")]
+    AgentUnreachable(#[source] crate::agent_client::AgentClientError),
+}
+
+/// Which backend a handler runs pods on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Host,
+    Qemu,
+    Vmm,
+}
+
+impl BackendKind {
+    /// The backend of a configured handler.
+    pub fn of(handler: &Handler) -> BackendKind {
+        use crate::config::{Backend, Hypervisor};
+        match (handler.backend, handler.hypervisor()) {
+            (Backend::Host, _) => BackendKind::Host,
+            (Backend::Vm, Hypervisor::Qemu) => BackendKind::Qemu,
+            (Backend::Vm, Hypervisor::Vmpod) => BackendKind::Vmm,
+        }
+    }
+
+    /// Whether pods of this backend run in a VM.
+    pub fn is_vm(self) -> bool {
+        self != BackendKind::Host
+    }
+}
+
+/// What a backend needs to start a pod. Paths are the pod's own: nothing
+/// else uses them.
+#[derive(Debug)]
+pub struct StartSpec<'a> {
+    pub id: &'a str,
+    /// `<state dir>/sandboxes/<id>`, already made.
+    pub dir: &'a Path,
+    /// `<state dir>/s/<id prefix>`, already made (socket paths are short).
+    pub sockets: &'a Path,
+    /// The handler, sized for this pod (VM backends).
+    pub handler: &'a Handler,
+    /// The pod's cgroup, `<parent>/<id>`.
+    pub cgroup_parent: &'a str,
+    /// The pod's network namespace, if it has one of its own.
+    pub netns: Option<&'a Path>,
+    /// The CNI result, when the pod's network gave it an address (VM
+    /// backends then wire a NIC to it).
+    pub addressed: Option<&'a serde_json::Value>,
+    /// hostPID / hostIPC (host backend).
+    pub host_pid: bool,
+    pub host_ipc: bool,
+    /// The host agent binary (host backend).
+    pub agent_binary: &'a Path,
+    /// The images the node has now (QEMU attaches them at boot).
+    pub images: &'a [ResolvedImage],
+}
+
+/// A started sandbox: its agent answered Health.
+#[derive(Debug)]
+pub struct Started {
+    pub agent: AgentClient<Channel>,
+    /// The guest NICs SetupSandbox configures.
+    pub interfaces: Vec<vmpod_proto::v1::NetworkInterface>,
+}
+
+/// Where the agent finds what CreateContainer names: the rootfs image and
+/// each mount's source, in the agent's view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exposed {
+    pub rootfs_source: String,
+    pub mount_sources: Vec<String>,
+}
+
+/// The one interface between the RPCs and a backend.
+///
+/// `start` makes the state; the other calls work on a copy of it, taken
+/// under the sandbox's operation lock, and the caller stores the copy back
+/// (and persists it) when a call changed it.
+pub trait SandboxBackend: Sized {
+    /// Starts the pod's agent (host) or VM and connects to its agent.
+    /// Every host side effect is registered in `undo` as it happens (and
+    /// `undo` journals it), so a failure, a cancellation or a crash leaves
+    /// nothing behind.
+    fn start(
+        spec: &StartSpec<'_>,
+        undo: &mut Rollback,
+    ) -> impl Future<Output = Result<(Self, Started), SandboxError>> + Send;
+
+    /// Where the agent listens.
+    fn agent_addr(&self) -> AgentAddr;
+
+    /// The host processes whose end ends the sandbox (the monitor watches
+    /// them; adoption requires the first one alive).
+    fn vital(&self) -> Vec<Proc>;
+
+    /// Every host process the backend started, vital or not.
+    fn processes(&self) -> Vec<Proc>;
+
+    /// Whether the sandbox's main process still runs (a restarted daemon
+    /// re-adopts only those).
+    fn alive(&self) -> bool {
+        self.vital().first().is_some_and(Proc::alive)
+    }
+
+    /// Ends the sandbox's host processes after the agent's Shutdown, each
+    /// given `grace` to end on its own, and releases what the backend holds
+    /// on the host besides cgroups and the network (the share's mounts).
+    fn stop(
+        &self,
+        dir: &Path,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), SandboxError>> + Send;
+
+    /// Makes a container's image and volumes reachable by the agent
+    /// (attaching a disk, exposing through the share). `in_use`: the images
+    /// of the pod's other containers. May change the state.
+    fn expose(
+        &mut self,
+        dir: &Path,
+        container_id: &str,
+        image: &ResolvedImage,
+        mounts: &[MountRecord],
+        in_use: &BTreeSet<String>,
+    ) -> impl Future<Output = Result<Exposed, SandboxError>> + Send;
+
+    /// Undoes [`SandboxBackend::expose`]'s volumes for a container that is
+    /// removed or whose creation failed.
+    fn withdraw(&self, dir: &Path, container_id: &str) -> Result<(), SandboxError>;
+
+    /// Releases images no container of the pod uses (`in_use`) once the
+    /// agent no longer holds them. May change the state.
+    fn release_images(&mut self, in_use: &BTreeSet<String>) -> impl Future<Output = ()> + Send;
+
+    /// Figures for PodSandboxStats beyond the containers' cgroups: the
+    /// resident memory of the backend's own host processes (the VMM's
+    /// guest RAM, QEMU's, helpers), in bytes.
+    fn overhead_bytes(&self) -> u64 {
+        self.processes()
+            .iter()
+            .filter(|p| p.alive())
+            .filter_map(|p| crate::process::rss_bytes(p.pid))
+            .sum()
+    }
+}
+
+/// The persisted state of a sandbox's backend.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BackendState {
+    Host(host::HostState),
+    Qemu(qemu::QemuState),
+    Vmm(vmm::VmmState),
+}
+
+impl BackendState {
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            BackendState::Host(_) => BackendKind::Host,
+            BackendState::Qemu(_) => BackendKind::Qemu,
+            BackendState::Vmm(_) => BackendKind::Vmm,
+        }
+    }
+
+    pub fn is_vm(&self) -> bool {
+        self.kind().is_vm()
+    }
+
+    /// Starts a sandbox on the backend `kind`.
+    pub async fn start(
+        kind: BackendKind,
+        spec: &StartSpec<'_>,
+        undo: &mut Rollback,
+    ) -> Result<(BackendState, Started), SandboxError> {
+        Ok(match kind {
+            BackendKind::Host => {
+                let (s, started) = host::HostState::start(spec, undo).await?;
+                (BackendState::Host(s), started)
+            }
+            BackendKind::Qemu => {
+                let (s, started) = qemu::QemuState::start(spec, undo).await?;
+                (BackendState::Qemu(s), started)
+            }
+            BackendKind::Vmm => {
+                let (s, started) = vmm::VmmState::start(spec, undo).await?;
+                (BackendState::Vmm(s), started)
+            }
+        })
+    }
+}
+
+/// Calls the same method on whichever backend the state is.
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $call:expr) => {
+        match $self {
+            BackendState::Host($s) => $call,
+            BackendState::Qemu($s) => $call,
+            BackendState::Vmm($s) => $call,
+        }
+    };
+}
+
+impl BackendState {
+    pub fn agent_addr(&self) -> AgentAddr {
+        dispatch!(self, s => s.agent_addr())
+    }
+
+    pub fn vital(&self) -> Vec<Proc> {
+        dispatch!(self, s => s.vital())
+    }
+
+    pub fn processes(&self) -> Vec<Proc> {
+        dispatch!(self, s => s.processes())
+    }
+
+    pub fn alive(&self) -> bool {
+        dispatch!(self, s => s.alive())
+    }
+
+    pub async fn stop(&self, dir: &Path, grace: Duration) -> Result<(), SandboxError> {
+        dispatch!(self, s => s.stop(dir, grace).await)
+    }
+
+    pub async fn expose(
+        &mut self,
+        dir: &Path,
+        container_id: &str,
+        image: &ResolvedImage,
+        mounts: &[MountRecord],
+        in_use: &BTreeSet<String>,
+    ) -> Result<Exposed, SandboxError> {
+        dispatch!(self, s => s.expose(dir, container_id, image, mounts, in_use).await)
+    }
+
+    pub fn withdraw(&self, dir: &Path, container_id: &str) -> Result<(), SandboxError> {
+        dispatch!(self, s => s.withdraw(dir, container_id))
+    }
+
+    pub async fn release_images(&mut self, in_use: &BTreeSet<String>) {
+        dispatch!(self, s => s.release_images(in_use).await)
+    }
+
+    pub fn overhead_bytes(&self) -> u64 {
+        dispatch!(self, s => s.overhead_bytes())
+    }
+
+    /// SIGKILLs every process the backend started that is still ours.
+    pub fn kill(&self) {
+        for p in self.processes() {
+            p.kill();
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The VM sandbox backend on the `qemu` hypervisor: one QEMU microvm per
+//! pod, vsock through its own `vhost-device-vsock` (the hybrid-vsock socket
+//! `<state dir>/s/<ID prefix>/vsock.sock`), the pod's volumes through its
+//! own virtiofsd, the agent as PID 1 of the guest.
+//!
+//! Every process runs in its own session with its output in files of the
+//! sandbox dir, so they outlive a daemon restart and are re-adopted.
+//!
+//! Images: QEMU's microvm machine cannot hot-add disks, so every image the
+//! resolver knows when the pod boots is attached as a read-only virtio-blk
+//! disk (serial `img<N>`); the erofs file of an image that came later
+//! reaches the guest through the pod's virtio-fs share (see shared_fs.rs),
+//! as do the containers' volumes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::shared_fs::{self, Share};
+use super::vm::{self, CONSOLE_LOG, GUEST_CID, VSOCK_SOCKET};
+use super::{Exposed, Rollback, SandboxBackend, SandboxError, StartSpec, Started, Step};
+use crate::agent_client::{self, AgentAddr};
+use crate::config::Accel;
+use crate::cri::image::ResolvedImage;
+use crate::cri::store::MountRecord;
+use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostUserFs, VhostVsock};
+use crate::process::{Proc, spawn_detached};
+
+/// How long vhost-device-vsock gets to create its socket.
+const VSOCK_START: Duration = Duration::from_secs(10);
+
+/// A QEMU pod: its processes and boot disks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QemuState {
+    pub qemu: Option<Proc>,
+    pub vsock: Option<Proc>,
+    pub virtiofsd: Option<Proc>,
+    /// The hybrid-vsock socket.
+    pub uds: PathBuf,
+    /// Image ID → the serial of its boot disk in the guest.
+    #[serde(default)]
+    pub image_disks: BTreeMap<String, String>,
+    /// The tap in the pod's netns, when the VM has a NIC.
+    #[serde(default)]
+    pub tap: Option<String>,
+}
+
+fn started(pid: i32, undo: &mut Rollback) -> Option<Proc> {
+    let p = Proc::of(pid);
+    if let Some(process) = p {
+        undo.push(Step::End { process });
+    }
+    p
+}
+
+impl SandboxBackend for QemuState {
+    async fn start(
+        spec: &StartSpec<'_>,
+        undo: &mut Rollback,
+    ) -> Result<(Self, Started), SandboxError> {
+        let handler = spec.handler;
+        let (dir, sockets) = (spec.dir, spec.sockets);
+        let (kernel, initramfs) = vm::guest_files(handler)?;
+        // Its processes join the pod's cgroup: remove it after them.
+        undo.push(Step::RemoveCgroups {
+            parent: spec.cgroup_parent.to_string(),
+        });
+        let mut nic = None;
+        if let (Some(netns), Some(result)) = (spec.netns, spec.addressed) {
+            // The tap dies with the namespace; nothing to undo by itself.
+            nic = Some(crate::network::tap::connect(netns, result).await?);
+        }
+
+        let vhost_socket = sockets.join("vhost.sock");
+        let uds = sockets.join(VSOCK_SOCKET);
+        let mut vsock_cmd = std::process::Command::new(VhostVsock::binary());
+        vsock_cmd
+            .arg("--guest-cid")
+            .arg(GUEST_CID.to_string())
+            .arg("--socket")
+            .arg(&vhost_socket)
+            .arg("--uds-path")
+            .arg(&uds);
+        let vsock_log = dir.join("vhost-device-vsock.log");
+        let vsock = started(spawn_detached(vsock_cmd, None, &vsock_log)?, undo);
+        let deadline = Instant::now() + VSOCK_START;
+        while !vhost_socket.exists() {
+            if !vsock.is_some_and(|p| p.alive()) || Instant::now() >= deadline {
+                return Err(SandboxError::Failed(format!(
+                    "vhost-device-vsock did not create {}:\n{}",
+                    vhost_socket.display(),
+                    vm::tail(&vsock_log)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The share must exist before virtiofsd exports it; its mounts go
+        // after virtiofsd (steps run newest first).
+        undo.push(Step::TearDownShare {
+            dir: dir.to_path_buf(),
+        });
+        let share = Share::new(dir);
+        share.prepare()?;
+        let fs_socket = sockets.join("fs.sock");
+        let virtiofsd = started(
+            shared_fs::start_virtiofsd(&share, &fs_socket, &dir.join("virtiofsd.log"))?,
+            undo,
+        );
+
+        let mut cfg = QemuConfig::new(
+            kernel,
+            initramfs,
+            match handler.accel.unwrap_or(Accel::Kvm) {
+                Accel::Kvm => qemu::Accel::Kvm,
+                Accel::Tcg => qemu::Accel::Tcg,
+            },
+        );
+        cfg.vcpus = handler.base_vcpus();
+        cfg.memory_mib = handler.base_memory_mib();
+        cfg.vhost_user_vsock = Some(vhost_socket);
+        cfg.vhost_user_fs = Some(VhostUserFs {
+            socket: fs_socket,
+            tag: shared_fs::TAG.into(),
+        });
+        cfg.extra_cmdline = handler.kernel_args.clone().unwrap_or_default();
+        let mut image_disks = BTreeMap::new();
+        for (i, img) in spec.images.iter().enumerate() {
+            let serial = format!("img{i}");
+            cfg.disks.push(QemuDisk {
+                path: img.erofs_path.clone(),
+                read_only: true,
+                serial: serial.clone(),
+            });
+            image_disks.insert(img.id.clone(), serial);
+        }
+        // With a network, QEMU runs in the pod's namespace, where its tap is.
+        cfg.net = nic.as_ref().map(|n| qemu::QemuNet {
+            tap: n.tap.clone(),
+            mac: n.mac.clone(),
+        });
+        let netns = nic.as_ref().map(|n| n.netns.as_path());
+        let qemu = started(
+            spawn_detached(cfg.command(), netns, &dir.join(CONSOLE_LOG))?,
+            undo,
+        );
+        let state = QemuState {
+            qemu,
+            vsock,
+            virtiofsd,
+            uds,
+            image_disks,
+            tap: nic.as_ref().map(|n| n.tap.clone()),
+        };
+        let pids: Vec<i32> = state.processes().iter().map(|p| p.pid).collect();
+        super::cgroups::join_cgroups(spec.cgroup_parent, &pids)?;
+
+        let booted = Instant::now();
+        vm::wait_console_ready(dir, &state.vital(), handler.boot_timeout()).await?;
+        let left = handler
+            .boot_timeout()
+            .saturating_sub(booted.elapsed())
+            .max(Duration::from_secs(10));
+        let agent = agent_client::connect_ready(&state.agent_addr(), left)
+            .await
+            .map_err(|e| {
+                SandboxError::Timeout(format!(
+                    "the pod VM's agent did not answer: {}\nconsole:\n{}",
+                    crate::error_chain(&e),
+                    vm::console_tail(dir)
+                ))
+            })?;
+        let interfaces = nic.map(|n| vec![n.interface]).unwrap_or_default();
+        Ok((state, Started { agent, interfaces }))
+    }
+
+    fn agent_addr(&self) -> AgentAddr {
+        AgentAddr::HybridVsock {
+            uds: self.uds.clone(),
+            port: vmpod_proto::AGENT_VSOCK_PORT,
+        }
+    }
+
+    fn vital(&self) -> Vec<Proc> {
+        self.qemu.into_iter().chain(self.vsock).collect()
+    }
+
+    fn processes(&self) -> Vec<Proc> {
+        self.vital().into_iter().chain(self.virtiofsd).collect()
+    }
+
+    async fn stop(&self, dir: &Path, grace: Duration) -> Result<(), SandboxError> {
+        // The guest ends by rebooting after the agent's Shutdown, which
+        // QEMU (-no-reboot) turns into its exit; then its helpers go.
+        if let Some(qemu) = self.qemu {
+            qemu.end(grace).await;
+        }
+        for helper in self.vsock.into_iter().chain(self.virtiofsd) {
+            helper.end(Duration::ZERO).await;
+        }
+        // Nothing reads the share once the VM is gone: a stopped pod holds
+        // no host mounts.
+        Share::new(dir).teardown()?;
+        Ok(())
+    }
+
+    async fn expose(
+        &mut self,
+        dir: &Path,
+        container_id: &str,
+        image: &ResolvedImage,
+        mounts: &[MountRecord],
+        _in_use: &BTreeSet<String>,
+    ) -> Result<Exposed, SandboxError> {
+        // Volumes, and an image that has no boot disk, reach the guest
+        // through the pod's virtio-fs share.
+        let boot_disk = self.image_disks.get(&image.id);
+        let late_image = boot_disk.is_none().then_some(image.erofs_path.as_path());
+        let exposed = Share::new(dir).expose(container_id, mounts, late_image)?;
+        Ok(Exposed {
+            rootfs_source: match boot_disk {
+                Some(serial) => format!("serial:{serial}"),
+                None => exposed.rootfs_source.unwrap_or_default(),
+            },
+            mount_sources: exposed.mount_sources,
+        })
+    }
+
+    fn withdraw(&self, dir: &Path, container_id: &str) -> Result<(), SandboxError> {
+        Ok(Share::new(dir).withdraw(container_id)?)
+    }
+
+    async fn release_images(&mut self, _in_use: &BTreeSet<String>) {
+        // Boot disks stay for the VM's life; late images leave the share
+        // with their container (withdraw).
+    }
+}
