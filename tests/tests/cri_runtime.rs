@@ -88,7 +88,7 @@ async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
     let verbose = &pst.info["info"];
     match b {
         Backend::Host => assert!(verbose.contains("\"netns\":\"/"), "{verbose}"),
-        Backend::Vm => assert!(verbose.contains("\"backend\":\"vm\""), "{verbose}"),
+        Backend::Vm => assert!(verbose.contains("\"kind\":\"qemu\""), "{verbose}"),
     }
 
     // The image's cmd is `sh`; the request's command replaces it.
@@ -1473,4 +1473,62 @@ async fn the_kubelets_cgroup_parent_holds_the_pod(b: Backend) {
         })
         .await;
     assert_eq!(code(r), Code::InvalidArgument);
+}
+
+/// Status is honest per handler: a handler whose guest kernel is missing
+/// is reported (verbose info, RuntimeReady's message, runtime_handlers) and
+/// its pods are refused with the reason before anything is made; the
+/// default handler stays ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_each_handlers_readiness_and_refuses_unready_ones() {
+    let d = Daemon::start(
+        "[handlers.broken]\nbackend = \"vm\"\nhypervisor = \"qemu\"\naccel = \"tcg\"\n\
+         kernel = \"/nonexistent/vmlinux\"\n",
+    );
+    let mut cri = d.client().await;
+    let status = cri
+        .status(StatusRequest { verbose: true })
+        .await
+        .expect("Status")
+        .into_inner();
+    let conditions = status.status.expect("a runtime status").conditions;
+    let ready = conditions
+        .iter()
+        .find(|c| c.r#type == "RuntimeReady")
+        .expect("RuntimeReady");
+    assert!(
+        ready.status,
+        "the default (host) handler is ready: {ready:?}"
+    );
+    assert!(
+        ready.message.contains("\"broken\"") && ready.message.contains("/nonexistent/vmlinux"),
+        "{ready:?}"
+    );
+    let handlers: serde_json::Value =
+        serde_json::from_str(&status.info["handlers"]).expect("handlers JSON");
+    assert_eq!(handlers["broken"]["ready"], false, "{handlers}");
+    assert_eq!(handlers["host"]["ready"], true, "{handlers}");
+    let names: Vec<&str> = status
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    for name in ["", "host", "vm", "broken"] {
+        assert!(names.contains(&name), "{name:?} missing in {names:?}");
+    }
+    let err = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config(&d, "broken", &[])),
+            runtime_handler: "broken".into(),
+        })
+        .await
+        .expect_err("a pod on an unready handler");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("/nonexistent/vmlinux"), "{err:?}");
+    assert!(
+        std::fs::read_dir(d.state_dir().join("sandboxes"))
+            .map(|e| e.count() == 0)
+            .unwrap_or(true),
+        "nothing is made for a refused pod"
+    );
 }

@@ -75,6 +75,13 @@ impl Cri {
             })?;
         let handler_name = handler_name.to_string();
         let handler = handler.clone();
+        // Honest readiness: a handler that cannot run pods here says why
+        // before anything is made.
+        crate::sandbox::readiness(&handler, &self.config.agent_binary()).map_err(|why| {
+            CriError::FailedPrecondition(format!(
+                "runtime handler {handler_name:?} cannot run pods on this node: {why}"
+            ))
+        })?;
         // Same metadata → the same pod; the kubelet must remove the old
         // one first (as containerd reserves names). A creation of the same
         // pod still in progress holds the name too.

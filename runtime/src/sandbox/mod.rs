@@ -92,6 +92,57 @@ impl BackendKind {
     }
 }
 
+/// Whether pods of `handler` can start on this node: its backend's
+/// programs, guest files and devices are there. Err names what is missing.
+pub fn readiness(handler: &Handler, agent_binary: &Path) -> Result<(), String> {
+    let file = |what: &str, p: &Path| {
+        if p.is_file() {
+            Ok(())
+        } else {
+            Err(format!("{what} {} is missing", p.display()))
+        }
+    };
+    let program = |name: &str| {
+        let p = crate::hypervisor::helper_program(name);
+        if p.is_file() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{name} is not installed (not on PATH nor in ~/.cargo/bin)"
+            ))
+        }
+    };
+    let kvm = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+            .map_err(|e| format!("/dev/kvm cannot be opened: {e}"))
+    };
+    match BackendKind::of(handler) {
+        BackendKind::Host => file("the agent binary", agent_binary),
+        BackendKind::Qemu => {
+            file("the guest kernel", &handler.kernel())?;
+            file("the guest initramfs", &handler.initramfs())?;
+            program("qemu-system-x86_64")?;
+            program("vhost-device-vsock")?;
+            program("virtiofsd")?;
+            if handler.accel.unwrap_or(crate::config::Accel::Kvm) == crate::config::Accel::Kvm {
+                kvm()?;
+            }
+            Ok(())
+        }
+        BackendKind::Vmm => {
+            file("the guest kernel", &handler.kernel())?;
+            file("the guest initramfs", &handler.initramfs())?;
+            kvm()?;
+            let exe = crate::self_exe().map_err(|e| format!("the vmpod binary: {e}"))?;
+            file("the vmpod binary (it runs the VMM)", &exe)
+        }
+    }
+}
+
 /// What a backend needs to start a pod. Paths are the pod's own: nothing
 /// else uses them.
 #[derive(Debug)]
@@ -311,6 +362,33 @@ impl BackendState {
     pub fn kill(&self) {
         for p in self.processes() {
             p.kill();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Backend, Hypervisor};
+
+    #[test]
+    fn readiness_names_what_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let agent = tmp.path().join("vmpod-agent");
+        let host = Handler::new(Backend::Host);
+        assert!(
+            readiness(&host, &agent)
+                .unwrap_err()
+                .contains("agent binary")
+        );
+        std::fs::write(&agent, b"").unwrap();
+        assert_eq!(readiness(&host, &agent), Ok(()));
+        for hv in [Hypervisor::Qemu, Hypervisor::Vmpod] {
+            let mut vm = Handler::new(Backend::Vm);
+            vm.hypervisor = Some(hv);
+            vm.kernel = Some(tmp.path().join("no-vmlinux"));
+            let why = readiness(&vm, &agent).unwrap_err();
+            assert!(why.contains("no-vmlinux"), "{hv:?}: {why}");
         }
     }
 }
