@@ -91,7 +91,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
         Some(PodSandboxState::SandboxReady as i32)
     );
     assert!(
-        st.info["info"].contains("\"backend\":\"vm\""),
+        st.info["info"].contains("\"kind\":\"qemu\""),
         "{:?}",
         st.info
     );
@@ -352,4 +352,68 @@ async fn vmpod_run_in_a_vm() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(out.stdout, b"from-the-guest\n");
     assert_no_leaks(&d, &[]);
+}
+
+/// A node with 20 images still starts QEMU pods: microvm has 8 virtio-mmio
+/// slots, so only the images that fit get boot disks, and a container of
+/// any other image runs from its erofs file through the pod's share.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_pod_starts_with_twenty_images_on_the_node() {
+    require_program("qemu-system-x86_64", "qemu-system-x86");
+    let layouts = tempfile::tempdir().unwrap();
+    let mut extra = String::new();
+    for i in 0..20 {
+        let dir = layouts.path().join(format!("img{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A layer of its own makes a config, and so an image ID, of its own.
+        let tar = vmpod_tests::oci_layout::LayerTar::new()
+            .file("n", 0o644, format!("{i}\n").as_bytes())
+            .finish();
+        write_image(&dir, "latest", &[layer(&tar, Compression::Gzip)], "");
+        extra.push_str(&format!(
+            "[[static_images]]\nname = \"localhost/many/img{i}:latest\"\nerofs = \"{}\"\n\
+             oci_layout = \"{}\"\n",
+            vmpod_tests::artefact("demo-image.erofs").display(),
+            dir.display()
+        ));
+    }
+    let d = Daemon::start(&extra);
+    let mut cri = d.client().await;
+    let pod = run_vm_pod(&mut cri, pod_config(&d, "many", &[])).await;
+    let info = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .info;
+    let verbose: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
+    let disks = verbose["backend"]["image_disks"]
+        .as_object()
+        .expect("image_disks")
+        .clone();
+    // vsock and the share take two of the eight slots (no NIC here).
+    assert_eq!(disks.len(), 6, "{verbose}");
+    // Images sort by name: img9 is past the boot disks.
+    let mut config = container_config("late", &["sh", "-c", "echo from-the-share"], &[]);
+    config.image = Some(ImageSpec {
+        image: "localhost/many/img9:latest".into(),
+        ..Default::default()
+    });
+    let c = create(&mut cri, &pod, config).await;
+    let image_id = status(&mut cri, &c).await.image_ref;
+    assert!(
+        !disks.contains_key(image_id.trim_start_matches("sha256:"))
+            && !disks.contains_key(&image_id),
+        "img9 ({image_id}) should not have a boot disk: {disks:?}"
+    );
+    start(&mut cri, &c).await;
+    let st = wait_exited(&mut cri, &c).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    let lines = log_lines(&d.log_root().join("many/late/0.log"), 1).await;
+    assert!(lines[0].ends_with("from-the-share"), "{lines:?}");
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
 }

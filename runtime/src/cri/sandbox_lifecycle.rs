@@ -18,6 +18,8 @@ use crate::sandbox::shared_fs;
 
 /// How long a log pump gets to copy the last output after its pod stopped.
 const LOG_PUMP_DRAIN: Duration = Duration::from_secs(2);
+/// How often QEMU guest consoles are checked against their cap.
+const CONSOLE_CHECK: Duration = Duration::from_secs(5);
 /// How long the agent gets to stop everything and exit.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -249,18 +251,46 @@ impl Cri {
         }
     }
 
-    /// Reaps UNKNOWN sandboxes every `period` while the runtime lives.
+    /// Housekeeping while the runtime lives: QEMU consoles are capped
+    /// every [`CONSOLE_CHECK`], UNKNOWN sandboxes reaped every `period`.
     pub fn spawn_reaper(self: &Arc<Self>, period: Duration) {
         let cri = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut last_reap = std::time::Instant::now();
             loop {
-                tokio::time::sleep(period).await;
+                tokio::time::sleep(CONSOLE_CHECK.min(period)).await;
                 let Some(cri) = cri.upgrade() else {
                     return;
                 };
-                cri.reap().await;
+                cri.cap_consoles();
+                if last_reap.elapsed() >= period {
+                    last_reap = std::time::Instant::now();
+                    cri.reap().await;
+                }
             }
         });
+    }
+
+    /// Cuts back QEMU guest consoles past their cap (the vmpod VMM caps
+    /// its own).
+    fn cap_consoles(&self) {
+        use crate::sandbox::{BackendState, qemu};
+        let dirs: Vec<std::path::PathBuf> = lock(&self.sandboxes)
+            .values()
+            .filter(|s| matches!(lock(&s.rec).backend, Some(BackendState::Qemu(_))))
+            .map(|s| self.state.sandbox_dir(&lock(&s.rec).id))
+            .collect();
+        for dir in dirs {
+            match qemu::cap_console(&dir, qemu::CONSOLE_MAX, qemu::CONSOLE_KEEP) {
+                Ok(true) => {
+                    tracing::info!(dir = %dir.display(), "guest console cut back to its last MiB")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "capping a guest console")
+                }
+            }
+        }
     }
 
     /// Runs an UNKNOWN sandbox's remaining undo steps (the caller holds its

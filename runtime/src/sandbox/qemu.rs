@@ -6,11 +6,13 @@
 //! Every process runs in its own session with its output in files of the
 //! sandbox dir, so they outlive a daemon restart and are re-adopted.
 //!
-//! Images: QEMU's microvm machine cannot hot-add disks, so every image the
-//! resolver knows when the pod boots is attached as a read-only virtio-blk
-//! disk (serial `img<N>`); the erofs file of an image that came later
-//! reaches the guest through the pod's virtio-fs share (see shared_fs.rs),
-//! as do the containers' volumes.
+//! Images: QEMU's microvm machine cannot hot-add disks and has only
+//! [`MICROVM_TRANSPORTS`] virtio-mmio slots, of which vsock, the share and
+//! the NIC take up to three. The images the node has at boot get the
+//! slots left, as read-only virtio-blk disks (serial `img<N>`), in name
+//! order; every other image (more images than slots, or pulled later)
+//! reaches the guest as its erofs file through the pod's virtio-fs share
+//! (see shared_fs.rs), as the containers' volumes do, which never runs out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,16 @@ use crate::cri::image::ResolvedImage;
 use crate::cri::store::MountRecord;
 use crate::hypervisor::qemu::{self, QemuConfig, QemuDisk, VhostUserFs, VhostVsock};
 use crate::process::{Proc, spawn_detached};
+
+/// The guest console (serial and QEMU's own output) is cut back to its
+/// last [`CONSOLE_KEEP`] bytes, kept in `console.log.1`, once it passes
+/// this size ([`cap_console`], run every few seconds by the daemon).
+pub const CONSOLE_MAX: u64 = 4 << 20;
+/// What a cut keeps of the console.
+pub const CONSOLE_KEEP: u64 = 1 << 20;
+
+/// QEMU's microvm machine's virtio-mmio transports (hw/i386/microvm.c).
+pub const MICROVM_TRANSPORTS: usize = 8;
 
 /// How long vhost-device-vsock gets to create its socket.
 const VSOCK_START: Duration = Duration::from_secs(10);
@@ -126,7 +138,9 @@ impl SandboxBackend for QemuState {
         });
         cfg.extra_cmdline = handler.kernel_args.clone().unwrap_or_default();
         let mut image_disks = BTreeMap::new();
-        for (i, img) in spec.images.iter().enumerate() {
+        // vsock and the share always, the NIC when there is one.
+        let free = MICROVM_TRANSPORTS - 2 - usize::from(nic.is_some());
+        for (i, img) in spec.images.iter().take(free).enumerate() {
             let serial = format!("img{i}");
             cfg.disks.push(QemuDisk {
                 path: img.erofs_path.clone(),
@@ -234,5 +248,62 @@ impl SandboxBackend for QemuState {
     async fn release_images(&mut self, _in_use: &BTreeSet<String>) {
         // Boot disks stay for the VM's life; late images leave the share
         // with their container (withdraw).
+    }
+}
+
+/// Caps a QEMU pod's console log: past `max` bytes, its last `keep`
+/// bytes go to `console.log.1` and the log is truncated in place
+/// (copy-truncate: QEMU holds it open with O_APPEND, so its next write
+/// lands at the new end). Returns whether it cut.
+pub fn cap_console(dir: &Path, max: u64, keep: u64) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join(CONSOLE_LOG);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    if len <= max {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(len.saturating_sub(keep)))?;
+    let mut rotated = std::fs::File::create(dir.join(format!("{CONSOLE_LOG}.1")))?;
+    std::io::copy(&mut f.take(keep), &mut rotated)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_console_past_its_cap_keeps_only_its_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(CONSOLE_LOG);
+        // As QEMU holds it: open for appending.
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        use std::io::Write;
+        writer.write_all(&[b'a'; 900]).unwrap();
+        assert!(!cap_console(tmp.path(), 1000, 100).unwrap());
+        writer.write_all(&[b'b'; 200]).unwrap();
+        assert!(cap_console(tmp.path(), 1000, 100).unwrap());
+        assert_eq!(
+            std::fs::read(tmp.path().join("console.log.1")).unwrap(),
+            vec![b'b'; 100]
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // The writer goes on at the new end, with no hole before it.
+        writer.write_all(b"after").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"after");
+        assert!(!cap_console(&tmp.path().join("none"), 1, 1).unwrap());
     }
 }
