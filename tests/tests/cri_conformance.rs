@@ -805,40 +805,50 @@ async fn run_pod_sandbox_cancelled_at_its_deadline_leaves_nothing_half_made(b: B
     assert!(listed.is_empty(), "{listed:?}");
     assert_no_leaks(&d, &[]);
 
-    // Cancelled, then succeeding: a ready pod, listed; the same pod again
-    // is AlreadyExists (while in progress, and once made).
+    // Cancelled, then succeeding: the pod is made and then removed, as
+    // containerd does (its caller is gone, nobody knows its ID); while that
+    // is in progress the same pod again is AlreadyExists.
     network("slow-ok");
     assert_eq!(
         cancelled("late", Duration::from_millis(500)).await,
         Code::DeadlineExceeded
     );
+    let again = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config(&d, "late", &[])),
+            runtime_handler: String::new(),
+        })
+        .await;
+    assert_eq!(code(again), Code::AlreadyExists);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let pod = loop {
-        let listed = cri
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
-        if let Some(p) = listed
-            .iter()
-            .find(|p| p.state == PodSandboxState::SandboxReady as i32)
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let left: Vec<_> = std::fs::read_dir(&sandboxes)
+            .map(|e| e.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let procs = processes_mentioning(&d.state_dir());
+        if d.log()
+            .contains("RunPodSandbox was cancelled: removing the pod")
+            && left.is_empty()
+            && procs.is_empty()
         {
-            break p.id.clone();
+            break;
         }
-        let again = cri
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config(&d, "late", &[])),
-                runtime_handler: String::new(),
-            })
-            .await;
-        assert_eq!(code(again), Code::AlreadyExists);
         assert!(
             Instant::now() < deadline,
-            "the cancelled pod never became ready"
+            "a cancelled, succeeding RunPodSandbox left {left:?} {procs:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+    let listed = cri
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(listed.is_empty(), "{listed:?}");
+    assert_no_leaks(&d, &[]);
+    // The kubelet's retry then makes the pod, and it works.
+    let pod = run_pod(&mut cri, pod_config(&d, "late", &[])).await;
     let c = create(
         &mut cri,
         &pod,

@@ -207,6 +207,53 @@ impl Credentials {
 /// Largest token-service answer read.
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
+/// An in-memory sink that refuses to grow past `limit` bytes: a write that
+/// would fails, and `overflowed` says so.
+struct BoundedBuf {
+    buf: Vec<u8>,
+    limit: u64,
+    overflowed: bool,
+}
+
+impl BoundedBuf {
+    fn new(limit: u64) -> BoundedBuf {
+        BoundedBuf {
+            buf: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for BoundedBuf {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.buf.len() as u64 + data.len() as u64 > self.limit {
+            self.overflowed = true;
+            return std::task::Poll::Ready(Err(std::io::Error::other("more bytes than allowed")));
+        }
+        self.buf.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// `realm` and `service` of a `WWW-Authenticate: Bearer ...` challenge.
 fn parse_bearer_challenge(header: &str) -> Option<(String, String)> {
     let (scheme, params) = header.trim().split_once(' ')?;
@@ -428,8 +475,9 @@ impl Puller {
             media_type: config_desc.media_type().to_string(),
             ..OciDescriptor::default()
         };
-        let mut config_bytes = Vec::new();
-        tokio::time::timeout(
+        // Bounded as it arrives: a registry may send more than it declared.
+        let mut config_bytes = BoundedBuf::new(manifest::MAX_CONFIG_BYTES);
+        let pulled = tokio::time::timeout(
             timeout,
             client.pull_blob(&oci_ref, &desc, &mut config_bytes),
         )
@@ -437,8 +485,16 @@ impl Puller {
         .map_err(|_| PullError::Timeout {
             endpoint: host.clone(),
             timeout,
-        })?
-        .map_err(|e| classify(e, &host, &name))?;
+        })?;
+        if config_bytes.overflowed {
+            return Err(PullError::TooLarge {
+                what: "config",
+                digest: config_digest,
+                limit: manifest::MAX_CONFIG_BYTES,
+            });
+        }
+        pulled.map_err(|e| classify(e, &host, &name))?;
+        let config_bytes = config_bytes.buf;
         if sha256_digest(&config_bytes) != config_digest {
             return Err(PullError::DigestMismatch {
                 what: "config",
@@ -738,6 +794,18 @@ fn classify(error: OciDistributionError, endpoint: &str, name: &str) -> PullErro
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn a_bounded_buffer_refuses_bytes_past_its_limit() {
+        use tokio::io::AsyncWriteExt;
+        let mut b = BoundedBuf::new(10);
+        b.write_all(b"0123456789").await.unwrap();
+        assert!(!b.overflowed);
+        assert!(b.write_all(b"x").await.is_err());
+        assert!(b.overflowed);
+        assert_eq!(b.buf, b"0123456789");
+    }
+
     use super::*;
 
     #[test]
