@@ -14,6 +14,7 @@ use tonic::Code;
 use vmpod_tests::cri::*;
 
 vmpod_tests::on_both_backends!(
+    a_killed_log_pump_is_replaced_and_the_log_goes_on,
     pod_and_container_lifecycle_with_logs_and_exec,
     exit_codes_reasons_oom_and_containers_after_exit,
     filters_and_events,
@@ -1531,4 +1532,95 @@ async fn status_reports_each_handlers_readiness_and_refuses_unready_ones() {
             .unwrap_or(true),
         "nothing is made for a refused pod"
     );
+}
+
+/// The container's log pump, from its persisted record.
+fn log_pump_of(d: &Daemon, pod: &str, c: &str) -> Option<i32> {
+    let path = d
+        .state_dir()
+        .join("sandboxes")
+        .join(pod)
+        .join("containers")
+        .join(format!("{c}.json"));
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    rec["log_pump"][0].as_i64().map(|p| p as i32)
+}
+
+/// A log pump killed while its container runs is replaced: the container
+/// does not block on a full pipe, and its log goes on (the agent hands the
+/// new pump the output from where the old one stopped). Pumps live in the
+/// pod's cgroup.
+async fn a_killed_log_pump_is_replaced_and_the_log_goes_on(b: Backend) {
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "pumped", &[])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config(
+            "chatty",
+            &[
+                "sh",
+                "-c",
+                "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.05; done",
+            ],
+            &[],
+        ),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let log = d.log_root().join("pumped/chatty/0.log");
+    log_lines(&log, 5).await;
+    let old = log_pump_of(&d, &pod, &c).expect("a log pump");
+    let cgroup = std::fs::read_to_string(format!("/proc/{old}/cgroup")).expect("its cgroup");
+    assert!(
+        cgroup.contains(&pod),
+        "the pump is outside the pod's cgroup: {cgroup}"
+    );
+    // SAFETY: kill(2) takes plain integers; the PID is the test's pump.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let new = loop {
+        if let Some(p) = log_pump_of(&d, &pod, &c).filter(|&p| p != old) {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new pump: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let cgroup = std::fs::read_to_string(format!("/proc/{new}/cgroup")).expect("its cgroup");
+    assert!(cgroup.contains(&pod), "{cgroup}");
+    // Output written after the kill reaches the log. (What the killed pump
+    // had read but not written is lost with it, as with a shim's death.)
+    let last = |lines: &[String]| -> u64 {
+        lines
+            .iter()
+            .filter_map(|l| l.rsplit("line ").next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let at_kill = last(
+        &std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while last(&log_lines(&log, 1).await) < at_kill + 40 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log stopped at {at_kill}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status(&mut cri, &c).await.state,
+        ContainerState::ContainerRunning as i32
+    );
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
 }

@@ -22,6 +22,10 @@ use super::{Container, Cri, CriError, lock, now_ns};
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// One WaitProcess call of the exit watcher; it calls again after this.
 const WAIT_SLICE: Duration = Duration::from_secs(3600);
+/// How long a log pump that ended is left before it counts as dead early.
+const PUMP_GRACE: Duration = Duration::from_millis(500);
+/// Quick log pump deaths in a row after which it is not restarted.
+const PUMP_RESTARTS: u32 = 10;
 /// How long the exit watcher lets the log pump drain after the exit.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
 
@@ -49,23 +53,36 @@ impl Cri {
             .await
             .map_err(CriError::agent("StartContainer"))?;
         // The output is copied by a process of its own, which outlives a
-        // daemon restart (see log_pump.rs). Without a log path it still
-        // drains the pipes, so the container never blocks on them.
+        // daemon restart (see log_pump.rs).
+        let pump = self.spawn_log_pump(&sandbox.rec(), &rec).await?;
+        let rec = {
+            let mut r = lock(&container.rec);
+            r.state = ContainerState::Running;
+            r.started_at = now_ns();
+            r.log_pump = Some((pump.pid, pump.start));
+            r.clone()
+        };
+        self.state.save_container(&rec)?;
+        self.emit(&rec, ContainerEventType::ContainerStartedEvent);
+        self.watch_pump(container.clone());
+        self.watch_exit(container, client);
+        tracing::info!(container = %rec.id, "container started");
+        Ok(StartContainerResponse {})
+    }
+
+    /// Starts a container's log pump, in the pod's cgroup (its memory and
+    /// CPU count as the pod's). Without a log path it still drains the
+    /// pipes, so the container never blocks on them.
+    pub(super) async fn spawn_log_pump(
+        &self,
+        srec: &super::store::SandboxRecord,
+        rec: &super::store::ContainerRecord,
+    ) -> Result<crate::process::Proc, CriError> {
         let log = if rec.log_path.is_empty() {
             "/dev/null".to_string()
         } else {
             rec.log_path.clone()
         };
-        // The file exists once StartContainer returns, as with containerd,
-        // even before the container writes anything.
-        if !rec.log_path.is_empty() {
-            crate::logs::create_log_file(std::path::Path::new(&rec.log_path))
-                .await
-                .map_err(|e| {
-                    CriError::Internal(format!("creating the log file {}: {e}", rec.log_path))
-                })?;
-        }
-        let srec = sandbox.rec();
         let mut cmd = std::process::Command::new(
             crate::self_exe()
                 .map_err(|e| CriError::Internal(format!("locating the vmpod binary: {e}")))?,
@@ -85,24 +102,95 @@ impl Cri {
                 crate::log_pump::block_sighup_in_child,
             )
         };
-        let pump = crate::process::spawn_detached(
+        let pid = crate::process::spawn_detached(
             cmd,
             None,
             &self.state.sandbox_dir(&srec.id).join("log-pumps.log"),
         )?;
-        let pump_start = crate::process::start_time(pump).unwrap_or(0);
-        let rec = {
-            let mut r = lock(&container.rec);
-            r.state = ContainerState::Running;
-            r.started_at = now_ns();
-            r.log_pump = Some((pump, pump_start));
-            r.clone()
-        };
-        self.state.save_container(&rec)?;
-        self.emit(&rec, ContainerEventType::ContainerStartedEvent);
-        self.watch_exit(container, client);
-        tracing::info!(container = %rec.id, "container started");
-        Ok(StartContainerResponse {})
+        let pump = crate::process::Proc::of(pid).ok_or_else(|| {
+            CriError::Internal(format!("the log pump of {} ended at once", rec.id))
+        })?;
+        if let Err(e) = crate::sandbox::cgroups::join_cgroups(&srec.cgroup_parent, &[pid]) {
+            pump.kill();
+            return Err(CriError::Sandbox(e.into()));
+        }
+        Ok(pump)
+    }
+
+    /// Keeps a running container's log pump alive: a pump that ends while
+    /// its container still runs (killed, crashed) is started again, and
+    /// the agent hands the new one the output from where the old one
+    /// stopped, so the container never blocks on a full pipe. Restarts
+    /// back off, and stop after [`PUMP_RESTARTS`] in a row that each died
+    /// within a minute.
+    pub(super) fn watch_pump(self: &Arc<Self>, container: Arc<Container>) {
+        let cri = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut quick_deaths = 0u32;
+            loop {
+                let Some((pid, start)) = lock(&container.rec).log_pump else {
+                    return;
+                };
+                let pump = crate::process::Proc { pid, start };
+                let since = std::time::Instant::now();
+                if let Some(fd) = pump.pidfd() {
+                    // SAFETY: `OwnedFd` holds an open pidfd, moves into the
+                    // AsyncFd and is closed only when it drops.
+                    let Ok(fd) = (unsafe {
+                        tokio::io::unix::AsyncFd::register_with_interest(
+                            fd,
+                            tokio::io::Interest::READABLE,
+                        )
+                    }) else {
+                        return;
+                    };
+                    let _ = fd.readable().await;
+                }
+                // Its container's exit ends a pump too: give the exit
+                // watcher time to record it first.
+                tokio::time::sleep(PUMP_GRACE).await;
+                let Some(cri) = cri.upgrade() else {
+                    return;
+                };
+                let rec = container.rec();
+                if rec.state != ContainerState::Running || rec.log_pump != Some((pid, start)) {
+                    return;
+                }
+                let Ok(sandbox) = cri.sandbox(&rec.sandbox_id) else {
+                    return;
+                };
+                let _op = sandbox.op.lock().await;
+                if sandbox.agent().is_err() || container.rec().state != ContainerState::Running {
+                    return;
+                }
+                quick_deaths = if since.elapsed() < Duration::from_secs(60) {
+                    quick_deaths + 1
+                } else {
+                    1
+                };
+                if quick_deaths > PUMP_RESTARTS {
+                    tracing::error!(container = %rec.id, "the log pump keeps dying; its output is no longer copied");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100) * (1 << quick_deaths.min(6))).await;
+                match cri.spawn_log_pump(&sandbox.rec(), &rec).await {
+                    Ok(new) => {
+                        let r = {
+                            let mut r = lock(&container.rec);
+                            r.log_pump = Some((new.pid, new.start));
+                            r.clone()
+                        };
+                        if let Err(e) = cri.state.save_container(&r) {
+                            tracing::warn!(container = %r.id, error = %super::error_chain(&e), "saving the new log pump");
+                        }
+                        tracing::warn!(container = %r.id, old = pid, new = new.pid, "the log pump ended early; started a new one");
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %rec.id, error = %super::error_chain(&e), "restarting the log pump");
+                    }
+                }
+            }
+        });
     }
 
     /// Waits for a running container's exit and records it.

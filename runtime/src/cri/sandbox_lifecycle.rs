@@ -55,7 +55,18 @@ impl Cri {
                 .stop(&self.state.sandbox_dir(&rec.id), SHUTDOWN_TIMEOUT)
                 .await?;
         }
-        // Host pods' containers, VM pods' host processes.
+        // Log pumps end with their streams once the agent is gone; one
+        // that does not is ended here, before the pod's cgroups (where it
+        // lives) are emptied.
+        for c in self.containers_of(&rec.id) {
+            let pump = lock(&c.rec).log_pump;
+            if let Some((pid, start)) = pump {
+                crate::process::Proc { pid, start }
+                    .end(LOG_PUMP_DRAIN)
+                    .await;
+            }
+        }
+        // Host pods' containers, VM pods' host processes, log pumps.
         crate::sandbox::cgroups::remove_cgroups(&rec.cgroup_parent).await;
         // CNI DEL while the namespace still exists; a failure fails the
         // stop (the kubelet retries it) with the namespace kept for DEL.
@@ -73,14 +84,6 @@ impl Cri {
             crate::network::netns::remove_netns(netns);
         }
         for c in self.containers_of(&rec.id) {
-            // Log pumps end with their streams; one whose agent vanished
-            // without closing them is ended here.
-            let pump = lock(&c.rec).log_pump;
-            if let Some((pid, start)) = pump
-                && crate::process::same_process(pid, start)
-            {
-                crate::process::end_process(pid, LOG_PUMP_DRAIN).await;
-            }
             let changed = {
                 let mut r = lock(&c.rec);
                 if r.state == ContainerState::Running {
@@ -207,6 +210,7 @@ impl Cri {
                 });
                 lock(&self.containers).insert(c.id.clone(), container.clone());
                 if running && let Some(agent) = &agent {
+                    self.watch_pump(container.clone());
                     self.watch_exit(container, agent.clone());
                 }
             }
