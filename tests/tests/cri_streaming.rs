@@ -672,7 +672,10 @@ async fn ws_connect(
 }
 
 /// Every message until the server closes: (channel, data) in order.
-async fn ws_collect(ws: &mut Ws) -> Vec<(u8, Vec<u8>)> {
+async fn ws_collect<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Vec<(u8, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use base64::Engine;
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
@@ -815,4 +818,178 @@ async fn websocket_exec_and_port_forward(b: Backend) {
 
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
+}
+
+/// A self-signed certificate for 127.0.0.1 (an end-entity one, as rustls
+/// wants): (cert PEM path, key PEM path).
+fn self_signed_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    require_program("openssl", "openssl");
+    let conf = dir.join("openssl.cnf");
+    std::fs::write(
+        &conf,
+        "[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n\
+         [dn]\nCN = 127.0.0.1\n\
+         [ext]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = digitalSignature\n\
+         extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1\n",
+    )
+    .unwrap();
+    let (cert, key) = (dir.join("stream.crt"), dir.join("stream.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-config")
+        .arg(&conf)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// A TLS connection to `addr` that trusts only `cert`.
+async fn tls_connect(
+    addr: &str,
+    cert: &std::path::Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(cert).expect("the test cert"))
+        .expect("a trusted root");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting");
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    connector
+        .connect(name, tcp)
+        .await
+        .expect("a TLS handshake with the streaming server")
+}
+
+/// `[streaming] tls_cert_file`/`tls_key_file`: the URLs say https, an exec
+/// runs over TLS (a Rust client that trusts only the test's certificate,
+/// WebSocket v5, and the stock crictl, whose SPDY client does not verify
+/// the streaming server's certificate), and plain HTTP gets no answer.
+/// Host pods only: TLS ends in the daemon, before any backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_exec_host() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed_cert(certs.path());
+    let d = Daemon::on(
+        Backend::Host,
+        &format!(
+            "[streaming]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let mut cri = d.client().await;
+    let (pod, c) = pod_with(
+        &mut cri,
+        &d,
+        "tls",
+        container_config("main", &["sleep", "3600"], &[]),
+    )
+    .await;
+
+    let url = exec_url(&mut cri, &c, &["sh", "-c", "cat; exit 5"], true, true).await;
+    let rest = url.strip_prefix("https://").expect("an https URL");
+    let addr = rest[..rest.find('/').unwrap()].to_string();
+    let mut req = url
+        .replacen("https://", "wss://", 1)
+        .into_client_request()
+        .expect("a wss request");
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v5.channel.k8s.io".parse().unwrap(),
+    );
+    let tls = tls_connect(&addr, &cert).await;
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("a WebSocket upgrade over TLS");
+    ws.send(Message::Binary(b"\x00over tls\n".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(vec![255, 0].into())).await.unwrap();
+    let got = ws_collect(&mut ws).await;
+    assert_eq!(channel(&got, 1), b"over tls\n");
+    let status: serde_json::Value =
+        serde_json::from_slice(&channel(&got, 3)).expect("a JSON status");
+    assert_eq!(status["details"]["causes"][0]["message"], "5", "{status}");
+
+    // Plain HTTP to the TLS port: no HTTP answer, and no session spent.
+    let url = exec_url(&mut cri, &c, &["true"], false, false).await;
+    let path = url[url.find("/exec/").unwrap()..].to_string();
+    let plain_addr = addr.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&plain_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: {plain_addr}\r\nConnection: Upgrade\r\n\
+             Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    })
+    .await
+    .unwrap();
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 101"),
+        "plain HTTP must not upgrade on the TLS port"
+    );
+
+    // The stock client over TLS (SPDY).
+    let (code, out, err) = run_crictl(&d, &["exec", "-i", &c, "cat"], b"crictl over tls\n").await;
+    assert_eq!(code, 0, "crictl exec over TLS: {err}");
+    assert_eq!(out, b"crictl over tls\n", "{err}");
+
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
+
+/// Only one of the TLS files set: `vmpod serve` refuses to start.
+#[test]
+fn tls_cert_without_key_is_a_start_up_error() {
+    let r = std::panic::catch_unwind(|| {
+        Daemon::on(
+            Backend::Host,
+            "[streaming]\ntls_cert_file = \"/etc/vmpod/stream.crt\"\n",
+        )
+    });
+    let msg = match r {
+        Ok(_) => panic!("vmpod serve started with a cert and no key"),
+        Err(p) => p.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    assert!(msg.contains("go together"), "{msg}");
 }
