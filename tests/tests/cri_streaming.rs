@@ -46,6 +46,7 @@ on_both_backends!(
     crictl_attach_stdin_once_and_concurrent_detach,
     crictl_port_forward_integrity_concurrency_and_refused,
     websocket_exec_and_port_forward,
+    vanishing_clients_leak_nothing,
 );
 
 /// The stock crictl (`VMPOD_CRICTL` overrides).
@@ -1031,4 +1032,226 @@ fn tls_cert_without_key_is_a_start_up_error() {
         Err(p) => p.downcast_ref::<String>().cloned().unwrap_or_default(),
     };
     assert!(msg.contains("go together"), "{msg}");
+}
+
+/// The open fds of a process: (count, what they point at).
+fn open_fds(pid: u32) -> (usize, Vec<String>) {
+    let dir = format!("/proc/{pid}/fd");
+    let mut links: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+        .map(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.display().to_string())
+                .unwrap_or_else(|_| "?".into())
+        })
+        .collect();
+    links.sort();
+    (links.len(), links)
+}
+
+/// Polls until `pid` has no more open fds than `before` had.
+async fn wait_fds_back(what: &str, pid: u32, before: &(usize, Vec<String>)) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = open_fds(pid);
+        if now.0 <= before.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} (pid {pid}) keeps {} fds, {} before:\\nnow: {:?}\\nbefore: {:?}",
+            now.0,
+            before.0,
+            now.1,
+            before.1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The host agent's PID, from the pod's record (host pods only).
+fn agent_pid(d: &Daemon, pod: &str) -> u32 {
+    let path = d
+        .state_dir()
+        .join("sandboxes")
+        .join(pod)
+        .join("sandbox.json");
+    let text = std::fs::read_to_string(&path).expect("the sandbox record");
+    let rec: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    rec["agent_pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no agent_pid in {text}"))
+}
+
+/// Polls ExecSync `ps` until a process line contains `needle`.
+async fn wait_process(cri: &mut Cri, c: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exec(cri, c, &["ps"], 30).await.expect("ps");
+        let ps = String::from_utf8_lossy(&r.stdout).into_owned();
+        if ps.lines().any(|l| l.contains(needle)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} never started:\n{ps}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls until the file in the container holds `text`.
+async fn wait_file_has(cri: &mut Cri, c: &str, path: &str, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exec(cri, c, &["cat", path], 30).await.expect("cat");
+        if String::from_utf8_lossy(&r.stdout).contains(text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} never got {text:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Clients that vanish mid-stream (SIGKILLed crictl over SPDY, dropped
+/// WebSocket connections) leave nothing behind: exec'd processes (with and
+/// without a terminal) are killed, the pod-side connections of their
+/// port-forwards are closed (the servers in the pod see EOF), and the
+/// daemon's and (host pods) the agent's open fds come back to what they
+/// were. A VM pod's agent is in the guest: there, the processes and the
+/// daemon's fds.
+async fn vanishing_clients_leak_nothing(b: Backend) {
+    let d = Daemon::on(b, "");
+    let mut cri = d.client().await;
+    let (pod, c) = pod_with(
+        &mut cri,
+        &d,
+        "vanish",
+        container_config(
+            "main",
+            &["sh", "-c"],
+            // The ports through variables: only the nc processes' own
+            // command lines say "nc -l -p 900N".
+            &[
+                "a=9000; b=9001; (sleep 3600 | nc -l -p $a > /tmp/spdy.in) & \
+               (sleep 3600 | nc -l -p $b > /tmp/ws.in) & sleep 3600",
+            ],
+        ),
+    )
+    .await;
+    wait_listening(&mut cri, &c, &[9000, 9001]).await;
+    // Warm: the daemon's ExecSync path has run; what stays open now is the
+    // baseline.
+    wait_no_process(&mut cri, &c, "vanish-marker").await;
+    let daemon_before = open_fds(d.pid());
+    let agent = (b == Backend::Host).then(|| agent_pid(&d, &pod));
+    let agent_before = agent.map(open_fds);
+
+    // SPDY: an exec with stdin (`cat -`) and a port-forward connection
+    // with bytes in flight, both through one crictl each.
+    let mut spdy_exec = crictl(&d)
+        .args(["exec", "-i", &c, "cat", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("crictl exec");
+    let local = free_port();
+    let mut spdy_forward = crictl(&d)
+        .args(["port-forward", &pod, &format!("{local}:9000")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("crictl port-forward");
+    let forwarded = tokio::task::spawn_blocking(move || {
+        let mut s = connect_forwarded(local);
+        s.write_all(b"spdy bytes\n").unwrap();
+        s
+    })
+    .await
+    .unwrap();
+
+    // WebSocket: an exec with a terminal and a port-forward connection.
+    let url = cri
+        .exec(ExecRequest {
+            container_id: c.clone(),
+            cmd: vec!["sleep".into(), "4343".into()],
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let ws_exec = ws_connect(&url, "v5.channel.k8s.io")
+        .await
+        .expect("v5 upgrade");
+    let url = cri
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![9001],
+        })
+        .await
+        .expect("PortForward")
+        .into_inner()
+        .url;
+    let mut ws_forward = ws_connect(&format!("{url}?port=9001"), "v4.channel.k8s.io")
+        .await
+        .expect("port-forward upgrade");
+    {
+        use futures_util::SinkExt;
+        ws_forward
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                b"\x00ws bytes\n".to_vec().into(),
+            ))
+            .await
+            .unwrap();
+    }
+
+    // Everything is live in the pod.
+    wait_process(&mut cri, &c, "cat -").await;
+    wait_process(&mut cri, &c, "sleep 4343").await;
+    wait_file_has(&mut cri, &c, "/tmp/spdy.in", "spdy bytes").await;
+    wait_file_has(&mut cri, &c, "/tmp/ws.in", "ws bytes").await;
+
+    // The count sees the sessions (else its coming back would prove
+    // nothing).
+    let daemon_live = open_fds(d.pid()).0;
+    assert!(
+        daemon_live > daemon_before.0,
+        "the daemon's fds: {daemon_live}"
+    );
+    if let (Some(pid), Some(before)) = (agent, &agent_before) {
+        let live = open_fds(pid).0;
+        assert!(live > before.0, "the agent's fds: {live}");
+        eprintln!(
+            "fds: daemon {} before, {daemon_live} live; agent {} before, {live} live",
+            daemon_before.0, before.0
+        );
+    }
+
+    // The clients vanish: SIGKILL, and TCP connections dropped unclosed.
+    spdy_exec.kill().await.expect("kill -9 crictl exec");
+    spdy_forward
+        .kill()
+        .await
+        .expect("kill -9 crictl port-forward");
+    drop(forwarded);
+    drop(ws_exec);
+    drop(ws_forward);
+
+    wait_no_process(&mut cri, &c, "cat -").await;
+    wait_no_process(&mut cri, &c, "sleep 4343").await;
+    // The agent closed its dialed connections: the servers saw EOF.
+    wait_no_process(&mut cri, &c, "nc -l -p 9000").await;
+    wait_no_process(&mut cri, &c, "nc -l -p 9001").await;
+    wait_fds_back("the daemon", d.pid(), &daemon_before).await;
+    if let (Some(pid), Some(before)) = (agent, &agent_before) {
+        wait_fds_back("the agent", pid, before).await;
+    }
+
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
 }
