@@ -177,13 +177,14 @@ async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
     assert_eq!(code, 0, "{err}");
 
     // A terminal: crictl sends its size (set under script's pty), the
-    // process sees it, and a resize mid-session (the pty changes size,
-    // crictl gets SIGWINCH) reaches it too. The first size arrives just
-    // after the process starts, hence the sleep.
+    // process sees it from its first instant (the first `stty size` runs
+    // at once: it pins the 0x0 terminal an exec used to start with, before
+    // the first resize arrived), and a resize mid-session (the pty changes
+    // size, crictl gets SIGWINCH) reaches it too.
     let cmd = format!(
         "stty rows 33 cols 77; (sleep 3; stty rows 44 cols 88 < /dev/tty) & \
          {} --runtime-endpoint unix://{sock} --image-endpoint unix://{sock} \
-         exec -it {c} sh -c 'sleep 1; stty size; sleep 4; stty size; tty'",
+         exec -it {c} sh -c 'stty size; sleep 5; stty size; tty'",
         crictl_path().display(),
         sock = d.socket.display(),
     );
@@ -199,7 +200,19 @@ async fn crictl_exec_stdin_exit_codes_tty_and_vanishing_clients(b: Backend) {
     .expect("script");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "crictl exec -it: {text}");
-    assert!(text.contains("33 77"), "the size reached the tty: {text:?}");
+    let sizes: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c.is_control() || c == '^' || c == '@'))
+        .filter(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            w.len() == 2 && w.iter().all(|n| n.parse::<u16>().is_ok())
+        })
+        .collect();
+    assert_eq!(
+        sizes.first(),
+        Some(&"33 77"),
+        "the size reached the tty before the process ran: {text:?}"
+    );
     assert!(
         text.contains("44 88"),
         "the resize reached the tty: {text:?}"
