@@ -287,6 +287,14 @@ pub fn process(
     if no_new_privs {
         process["noNewPrivileges"] = json!(true);
     }
+    // The first size the client sent, set on the terminal before the
+    // process runs (runc's consoleSize); ResizeTty changes it later.
+    if p.terminal && p.console_rows > 0 && p.console_cols > 0 {
+        process["consoleSize"] = json!({
+            "height": p.console_rows.min(u32::from(u16::MAX)),
+            "width": p.console_cols.min(u32::from(u16::MAX)),
+        });
+    }
     Ok(process)
 }
 

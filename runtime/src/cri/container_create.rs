@@ -448,6 +448,8 @@ fn process(
         // stdin stays open for attach (the streaming server's job).
         terminal: config.tty,
         stdin: config.stdin,
+        // The streaming server sets the size of an exec's terminal.
+        ..Default::default()
     })
 }
 

@@ -36,6 +36,8 @@ pub(super) fn exec_process(
         }),
         terminal,
         stdin,
+        // The streaming server sets the size of an exec's terminal.
+        ..Default::default()
     }
 }
 

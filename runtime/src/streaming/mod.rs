@@ -12,8 +12,9 @@
 //!
 //! Exec, attach and port-forward speak SPDY/3.1 and WebSocket
 //! (channel.k8s.io v1, v4, v5 and base64). Tokens are single-use and live one minute; an
-//! unknown, used or expired token is a 404. TLS is not served yet: the default listen address is
-//! loopback, where the kubelet (or crictl) on the node reaches it.
+//! unknown, used or expired token is a 404. With `tls_cert_file` and `tls_key_file` set the server
+//! speaks HTTPS only (rustls) and its URLs say `https`; without them it is plain HTTP on the
+//! default loopback address, where the kubelet (or crictl) on the node reaches it.
 
 mod portforward;
 mod remotecommand;
@@ -23,6 +24,7 @@ pub mod token;
 mod websocket;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +50,11 @@ pub struct StreamingConfig {
     /// How long a client has to open its streams after the upgrade.
     /// Default 30 s.
     pub stream_creation_timeout_secs: u64,
+    /// PEM certificate chain (leaf first) to serve HTTPS with; needs
+    /// `tls_key_file`. Unset (the default): plain HTTP.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for StreamingConfig {
@@ -57,13 +64,31 @@ impl Default for StreamingConfig {
             port: 0,
             idle_timeout_secs: 4 * 3600,
             stream_creation_timeout_secs: 30,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl StreamingConfig {
-    /// Checks the bounds: both timeouts 1 s ..= 1 week.
+    /// Checks the bounds: both timeouts 1 s ..= 1 week; TLS cert and key
+    /// both set (absolute paths) or neither.
     pub fn validate(&self) -> Result<(), StreamingError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                if !cert.is_absolute() || !key.is_absolute() {
+                    return Err(StreamingError::Config(
+                        "tls_cert_file and tls_key_file must be absolute paths".into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(StreamingError::Config(
+                    "tls_cert_file and tls_key_file go together: set both or neither".into(),
+                ));
+            }
+        }
         for (name, v) in [
             ("idle_timeout_secs", self.idle_timeout_secs),
             (
@@ -87,6 +112,40 @@ impl StreamingConfig {
     fn stream_creation_timeout(&self) -> Duration {
         Duration::from_secs(self.stream_creation_timeout_secs)
     }
+
+    /// The TLS acceptor when TLS is configured: the files are read once,
+    /// at start-up.
+    fn tls_acceptor(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, StreamingError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) else {
+            return Ok(None);
+        };
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pem_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source: rustls::pki_types::pem::Error| StreamingError::TlsFile { path, source }
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(pem_err(cert))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err(cert))?;
+        if chain.is_empty() {
+            return Err(StreamingError::Config(format!(
+                "{} holds no PEM certificate",
+                cert.display()
+            )));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem_err(key))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
+            .map_err(StreamingError::Tls)?;
+        // HTTP/1.1 only: SPDY and WebSocket both upgrade an HTTP/1.1
+        // connection (client-go's SPDY dialer asks for exactly this).
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+    }
 }
 
 /// Errors of the streaming server.
@@ -102,6 +161,14 @@ pub enum StreamingError {
     TooManyTokens(#[from] token::TooManyTokens),
     #[error("[streaming]: {0}")]
     Config(String),
+    #[error("[streaming]: reading {}", path.display())]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("[streaming]: the TLS certificate and key")]
+    Tls(#[source] rustls::Error),
 }
 
 /// Which stdio streams a session carries (validated by the CRI call).
@@ -193,6 +260,7 @@ impl StreamingServer {
     /// Binds and starts serving; runs as long as the daemon.
     pub async fn start(config: StreamingConfig) -> Result<Arc<StreamingServer>, StreamingError> {
         config.validate()?;
+        let tls = config.tls_acceptor()?;
         let addr = SocketAddr::new(config.address, config.port);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -205,15 +273,16 @@ impl StreamingServer {
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        let base_url = format!("http://{}", SocketAddr::new(url_ip, local_addr.port()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{}", SocketAddr::new(url_ip, local_addr.port()));
         let server = Arc::new(StreamingServer {
             tokens: TokenStore::new(token::TOKEN_TTL),
             config,
             local_addr,
             base_url,
         });
-        tracing::info!(addr = %local_addr, "serving exec, attach and port-forward");
-        tokio::spawn(server::serve(listener, server.clone()));
+        tracing::info!(addr = %local_addr, tls = tls.is_some(), "serving exec, attach and port-forward");
+        tokio::spawn(server::serve(listener, tls, server.clone()));
         Ok(server)
     }
 
@@ -227,5 +296,43 @@ impl StreamingServer {
         let path = session.path();
         let token = self.tokens.insert(session)?;
         Ok(format!("{}/{path}/{token}", self.base_url))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_cert_and_key_go_together() {
+        let cert = Some(PathBuf::from("/etc/vmpod/stream.crt"));
+        let key = Some(PathBuf::from("/etc/vmpod/stream.key"));
+        let with = |tls_cert_file, tls_key_file| StreamingConfig {
+            tls_cert_file,
+            tls_key_file,
+            ..Default::default()
+        };
+        assert!(with(None, None).validate().is_ok());
+        assert!(with(cert.clone(), key.clone()).validate().is_ok());
+        assert!(with(cert.clone(), None).validate().is_err());
+        assert!(with(None, key).validate().is_err());
+        assert!(
+            with(cert, Some(PathBuf::from("stream.key")))
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn unreadable_tls_files_are_start_up_errors() {
+        let config = StreamingConfig {
+            tls_cert_file: Some(PathBuf::from("/nonexistent/vmpod.crt")),
+            tls_key_file: Some(PathBuf::from("/nonexistent/vmpod.key")),
+            ..Default::default()
+        };
+        assert!(matches!(
+            config.tls_acceptor(),
+            Err(StreamingError::TlsFile { .. })
+        ));
     }
 }

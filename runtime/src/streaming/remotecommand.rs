@@ -44,6 +44,8 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
 const STDIN_CHUNK: usize = 64 * 1024;
 /// Largest resize message buffered (they are ~30 bytes).
 const MAX_RESIZE_BUF: usize = 4096;
+/// How long a tty exec waits for the client's first size before it starts.
+const FIRST_SIZE_WAIT: Duration = Duration::from_millis(500);
 
 /// The remotecommand sub-protocol versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -336,41 +338,77 @@ async fn pump_stdin(
     }
 }
 
-/// `{"Width":80,"Height":24}` messages → ResizeTty.
+/// A terminal size message, `{"Width":80,"Height":24}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Size {
+    width: u16,
+    height: u16,
+}
+
+/// The resize stream's bytes so far: complete messages are taken off the
+/// front, a partial one waits for more.
+#[derive(Default)]
+struct ResizeBuf(Vec<u8>);
+
+impl ResizeBuf {
+    /// Adds `data`; the last complete size in the buffer, if any. An error
+    /// for a malformed stream or one that buffers too much.
+    fn push(&mut self, data: &[u8]) -> Result<Option<Size>, ()> {
+        self.0.extend_from_slice(data);
+        let mut sizes = serde_json::Deserializer::from_slice(&self.0).into_iter::<Size>();
+        let mut last = None;
+        for size in sizes.by_ref() {
+            match size {
+                Ok(s) => last = Some(s),
+                Err(e) if e.is_eof() => break,
+                Err(_) => return Err(()),
+            }
+        }
+        let used = sizes.byte_offset();
+        if self.0.len() - used > MAX_RESIZE_BUF {
+            return Err(());
+        }
+        self.0.drain(..used);
+        Ok(last)
+    }
+}
+
+/// The terminal size a tty exec starts with: the client's first resize
+/// message when it comes within [`FIRST_SIZE_WAIT`] (client-go sends the
+/// terminal's size as soon as the resize stream is open), so the process
+/// never sees 0x0. Without one, the terminal starts as runc and containerd
+/// start it: unsized until the first resize.
+async fn first_size(rx: &mut mpsc::Receiver<Vec<u8>>, buf: &mut ResizeBuf) -> Option<Size> {
+    let wait = async {
+        while let Some(data) = rx.recv().await {
+            match buf.push(&data) {
+                Ok(Some(size)) => return Some(size),
+                Ok(None) => {}
+                Err(()) => return None,
+            }
+        }
+        None
+    };
+    tokio::time::timeout(FIRST_SIZE_WAIT, wait)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Resize messages → ResizeTty, after what `buf` holds already.
 async fn pump_resize(
     mut agent: AgentClient<Channel>,
     container_id: String,
     exec_id: String,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    mut buf: ResizeBuf,
 ) {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct Size {
-        width: u16,
-        height: u16,
-    }
-    let mut buf = Vec::new();
     while let Some(data) = rx.recv().await {
-        buf.extend_from_slice(&data);
-        let mut sizes = serde_json::Deserializer::from_slice(&buf).into_iter::<Size>();
-        let mut last = None;
-        let mut bad = false;
-        for size in sizes.by_ref() {
-            match size {
-                Ok(s) => last = Some(s),
-                Err(e) if e.is_eof() => break,
-                Err(_) => {
-                    bad = true;
-                    break;
-                }
-            }
-        }
-        let used = sizes.byte_offset();
-        if bad || buf.len() - used > MAX_RESIZE_BUF {
+        let Ok(last) = buf.push(&data) else {
             tracing::debug!("dropping a malformed resize stream");
             return;
-        }
-        buf.drain(..used);
+        };
         if let Some(size) = last {
             let _ = agent
                 .resize_tty(with_deadline(agent::ResizeTtyRequest {
@@ -456,13 +494,21 @@ impl Drop for ProcessGuard {
     }
 }
 
-async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, gone: &Gone) {
+async fn run_exec(mut s: ExecSession, mut ch: Channels, protocol: Protocol, gone: &Gone) {
     let agent = match connect(&s.agent).await {
         Ok(a) => a,
         Err(e) => return finish(&mut ch, protocol, Outcome::Error(e)).await,
     };
     let exec_id = exec_id();
     let cmd = s.process.args.clone();
+    let mut resize_buf = ResizeBuf::default();
+    if s.stdio.tty
+        && let Some(rx) = ch.resize.as_mut()
+        && let Some(size) = first_size(rx, &mut resize_buf).await
+    {
+        s.process.console_rows = u32::from(size.height);
+        s.process.console_cols = u32::from(size.width);
+    }
     let started = agent
         .clone()
         .exec_process(with_deadline(agent::ExecProcessRequest {
@@ -520,6 +566,7 @@ async fn run_exec(s: ExecSession, mut ch: Channels, protocol: Protocol, gone: &G
             s.container_id.clone(),
             exec_id.clone(),
             rx,
+            resize_buf,
         ));
     }
     let exit = tokio::select! {
@@ -592,6 +639,7 @@ async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, gone
             s.container_id.clone(),
             String::new(),
             rx,
+            ResizeBuf::default(),
         ));
     }
     let has_output = !outputs.is_empty();
@@ -632,6 +680,57 @@ async fn run_attach(s: AttachSession, mut ch: Channels, protocol: Protocol, gone
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_messages_split_anywhere_and_bounded() {
+        let mut b = ResizeBuf::default();
+        assert_eq!(b.push(br#"{"Width":80,"Hei"#), Ok(None));
+        assert_eq!(
+            b.push(br#"ght":24}{"Width":100,"Height":30}{"Wi"#),
+            Ok(Some(Size {
+                width: 100,
+                height: 30
+            }))
+        );
+        assert_eq!(
+            b.push(br#"dth":1,"Height":2}"#),
+            Ok(Some(Size {
+                width: 1,
+                height: 2
+            }))
+        );
+        assert_eq!(ResizeBuf::default().push(b"]"), Err(()));
+        assert_eq!(
+            ResizeBuf::default().push(br#"{"Width":70000,"Height":1}"#),
+            Err(())
+        );
+        let mut b = ResizeBuf::default();
+        assert_eq!(b.push(b"{\"Width\":"), Ok(None));
+        assert_eq!(b.push(&[b' '; MAX_RESIZE_BUF]), Err(()));
+    }
+
+    #[tokio::test]
+    async fn a_tty_exec_starts_with_the_first_size_or_none() {
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.send(br#"{"Width":77,"#.to_vec()).await.unwrap();
+        tx.send(br#""Height":33}{"Width":1"#.to_vec())
+            .await
+            .unwrap();
+        let mut buf = ResizeBuf::default();
+        assert_eq!(
+            first_size(&mut rx, &mut buf).await,
+            Some(Size {
+                width: 77,
+                height: 33
+            })
+        );
+        // The rest stays for the pump.
+        assert_eq!(buf.0, br#"{"Width":1"#);
+        let (_tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
+        let started = tokio::time::Instant::now();
+        assert_eq!(first_size(&mut rx, &mut ResizeBuf::default()).await, None);
+        assert!(started.elapsed() >= FIRST_SIZE_WAIT);
+    }
 
     #[test]
     fn the_error_stream_speaks_each_protocol() {

@@ -31,7 +31,11 @@ pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
 type Body = Full<Bytes>;
 type PermitSlot = std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>;
 
-pub(super) async fn serve(listener: tokio::net::TcpListener, server: Arc<StreamingServer>) {
+pub(super) async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    server: Arc<StreamingServer>,
+) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -48,26 +52,52 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, server: Arc<Streami
         };
         let _ = tcp.set_nodelay(true);
         let server = server.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            // The permit goes with an upgraded session, or ends here.
-            let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
-            let handler_server = server.clone();
-            let handler_slot = slot.clone();
-            let service = hyper::service::service_fn(move |req| {
-                let server = handler_server.clone();
-                let slot = handler_slot.clone();
-                async move { Ok::<_, Infallible>(server.handle(req, &slot)) }
-            });
-            // Keep-alive stays on: with it off, hyper answers the upgrade
-            // with "Connection: Upgrade, close", which client-go refuses.
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            // Until the request is read and answered; an upgraded session
-            // runs in its own task (below), holding the permit.
-            let _ = tokio::time::timeout(server.config.stream_creation_timeout(), conn).await;
+            let creation = server.config.stream_creation_timeout();
+            match tls {
+                None => serve_connection(tcp, permit, server).await,
+                Some(acceptor) => {
+                    // The handshake counts against the creation timeout
+                    // too: a client that never finishes it holds nothing.
+                    match tokio::time::timeout(creation, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, permit, server).await,
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "a streaming TLS handshake failed")
+                        }
+                        Err(_) => tracing::info!("a streaming TLS handshake timed out"),
+                    }
+                }
+            }
         });
     }
+}
+
+/// Serves one HTTP/1.1 connection (plain TCP or TLS) until its request is
+/// answered; an upgraded session goes on in its own task, with the permit.
+async fn serve_connection<I>(
+    io: I,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    server: Arc<StreamingServer>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let handler_server = server.clone();
+    let handler_slot = slot.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let server = handler_server.clone();
+        let slot = handler_slot.clone();
+        async move { Ok::<_, Infallible>(server.handle(req, &slot)) }
+    });
+    // Keep-alive stays on: with it off, hyper answers the upgrade
+    // with "Connection: Upgrade, close", which client-go refuses.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    // Until the request is read and answered; an upgraded session
+    // runs in its own task, holding the permit.
+    let _ = tokio::time::timeout(server.config.stream_creation_timeout(), conn).await;
 }
 
 fn plain(status: StatusCode, msg: impl Into<String>) -> Response<Body> {

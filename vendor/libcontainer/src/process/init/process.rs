@@ -154,7 +154,19 @@ pub fn container_init_process(
     // See: https://github.com/opencontainers/runc/blob/v1.4.0/libcontainer/setns_init_linux.go
     if let Some(csocketfd) = args.console_socket {
         let mount_console = matches!(args.container_type, ContainerType::InitContainer);
-        tty::setup_console(ctx.syscall.as_ref(), csocketfd, mount_console).map_err(|err| {
+        // vmpod patch: process.consoleSize, as runc applies it.
+        let size = ctx
+            .process
+            .console_size()
+            .as_ref()
+            .filter(|b| b.height() > 0 && b.width() > 0)
+            .map(|b| nix::pty::Winsize {
+                ws_row: u16::try_from(b.height()).unwrap_or(u16::MAX),
+                ws_col: u16::try_from(b.width()).unwrap_or(u16::MAX),
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            });
+        tty::setup_console(ctx.syscall.as_ref(), csocketfd, mount_console, size).map_err(|err| {
             tracing::error!(?err, "failed to set up tty");
             InitProcessError::Tty(err)
         })?;
