@@ -83,6 +83,16 @@ impl Cri {
         } else {
             rec.log_path.clone()
         };
+        // The file exists once StartContainer returns, as with containerd,
+        // even before the container writes anything (critest opens it at
+        // once); the pump opens it in append mode later.
+        if !rec.log_path.is_empty() {
+            crate::logs::create_log_file(std::path::Path::new(&rec.log_path))
+                .await
+                .map_err(|e| {
+                    CriError::Internal(format!("creating the log file {}: {e}", rec.log_path))
+                })?;
+        }
         let mut cmd = std::process::Command::new(
             crate::self_exe()
                 .map_err(|e| CriError::Internal(format!("locating the vmpod binary: {e}")))?,
