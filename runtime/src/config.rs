@@ -140,7 +140,33 @@ pub struct Handler {
     /// Default `/usr/lib/vmpod/initramfs.cpio`.
     #[serde(default)]
     pub initramfs: Option<PathBuf>,
+    /// Where containers' writable layers live: `disk` (a sparse ext4 file
+    /// per container in the sandbox dir, the default) or `memory` (a
+    /// tmpfs: guest RAM in a VM). The `vmpod` hypervisor has `memory` only
+    /// for now.
+    #[serde(default)]
+    pub writable_layer: Option<WritableLayer>,
+    /// The size of each container's writable layer in MiB. Default 10240
+    /// on disk (sparse: only what the container writes takes space), 64 in
+    /// memory. 1..=16777216.
+    #[serde(default)]
+    pub writable_layer_mib: Option<u64>,
 }
+
+/// Where a container's writable layer lives.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WritableLayer {
+    Disk,
+    Memory,
+}
+
+/// Default `writable_layer_mib` on disk (10 GiB, sparse).
+pub const DEFAULT_DISK_LAYER_MIB: u64 = 10 << 10;
+/// Default `writable_layer_mib` in memory.
+pub const DEFAULT_MEMORY_LAYER_MIB: u64 = 64;
+/// The largest `writable_layer_mib` (16 TiB, ext4's file-size bound).
+pub const MAX_WRITABLE_LAYER_MIB: u64 = 16 << 20;
 
 /// Where a handler's pods run.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -191,7 +217,29 @@ impl Handler {
             kernel_args: None,
             kernel: None,
             initramfs: None,
+            writable_layer: None,
+            writable_layer_mib: None,
         }
+    }
+
+    /// Where this handler's containers get their writable layer.
+    pub fn writable_layer(&self) -> WritableLayer {
+        match (self.backend, self.hypervisor(), self.writable_layer) {
+            (_, _, Some(WritableLayer::Memory)) => WritableLayer::Memory,
+            (Backend::Vm, Hypervisor::Vmpod, _) => WritableLayer::Memory,
+            _ => WritableLayer::Disk,
+        }
+    }
+
+    /// The size of each container's writable layer, in bytes.
+    pub fn writable_layer_bytes(&self) -> u64 {
+        let mib = self
+            .writable_layer_mib
+            .unwrap_or(match self.writable_layer() {
+                WritableLayer::Disk => DEFAULT_DISK_LAYER_MIB,
+                WritableLayer::Memory => DEFAULT_MEMORY_LAYER_MIB,
+            });
+        mib << 20
     }
 
     /// The hypervisor that runs this handler's VMs (default `vmpod`).
@@ -257,6 +305,23 @@ impl Handler {
             || self.kernel_args.is_some()
             || self.kernel.is_some()
             || self.initramfs.is_some();
+        if let Some(mib) = self.writable_layer_mib
+            && !(1..=MAX_WRITABLE_LAYER_MIB).contains(&mib)
+        {
+            return invalid(format!(
+                "writable_layer_mib must be 1..={MAX_WRITABLE_LAYER_MIB}"
+            ));
+        }
+        if self.backend == Backend::Vm
+            && self.hypervisor() == Hypervisor::Vmpod
+            && self.writable_layer == Some(WritableLayer::Disk)
+        {
+            return invalid(
+                "writable_layer = \"disk\" needs hypervisor = \"qemu\" for now; the vmpod \
+                 hypervisor keeps writable layers in memory"
+                    .into(),
+            );
+        }
         if self.backend == Backend::Host {
             return if vm_settings {
                 invalid("VM settings on a host handler".into())
@@ -473,6 +538,43 @@ mod tests {
             [Path::new("/opt/cni/bin"), Path::new("/usr/lib/cni")]
         );
         assert_eq!(cfg.cni.network, None);
+    }
+
+    #[test]
+    fn writable_layers_default_to_disk_where_the_backend_can() {
+        let host = Handler::new(Backend::Host);
+        assert_eq!(host.writable_layer(), WritableLayer::Disk);
+        assert_eq!(host.writable_layer_bytes(), 10 << 30);
+        let mut qemu = Handler::new(Backend::Vm);
+        qemu.hypervisor = Some(Hypervisor::Qemu);
+        assert_eq!(qemu.writable_layer(), WritableLayer::Disk);
+        // The vmpod VMM has no way to give a container a disk yet.
+        let vmm = Handler::new(Backend::Vm);
+        assert_eq!(vmm.writable_layer(), WritableLayer::Memory);
+        assert_eq!(vmm.writable_layer_bytes(), 64 << 20);
+        let cfg = Config::parse(
+            "[handlers.vm]\nbackend = \"vm\"\nhypervisor = \"qemu\"\n\
+             writable_layer = \"memory\"\nwritable_layer_mib = 128\n",
+        )
+        .unwrap();
+        let vm = cfg.handler("vm").unwrap().1;
+        assert_eq!(vm.writable_layer(), WritableLayer::Memory);
+        assert_eq!(vm.writable_layer_bytes(), 128 << 20);
+        for bad in [
+            "writable_layer_mib = 0",
+            "writable_layer_mib = 16777217",
+            "writable_layer = \"nvme\"",
+            "hypervisor = \"vmpod\"\nwritable_layer = \"disk\"",
+        ] {
+            let toml = format!("[handlers.vm]\nbackend = \"vm\"\n{bad}\n");
+            assert!(Config::parse(&toml).is_err(), "{bad}");
+        }
+        // Host handlers take the two keys too.
+        Config::parse(
+            "[handlers.h]\nbackend = \"host\"\nwritable_layer_mib = 100\n\
+                       [handlers.vm]\nbackend = \"vm\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

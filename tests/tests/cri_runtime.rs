@@ -31,6 +31,7 @@ vmpod_tests::on_both_backends!(
     security_contexts_are_honoured_or_refused,
     host_pid_and_ipc_where_allowed,
     the_kubelets_cgroup_parent_holds_the_pod,
+    writable_layers_live_on_disk,
 );
 
 async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
@@ -1623,4 +1624,154 @@ async fn a_killed_log_pump_is_replaced_and_the_log_goes_on(b: Backend) {
     );
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
+}
+
+/// A container's writable layer is a sparse ext4 file of the handler's
+/// size in the sandbox dir (runtime/src/sandbox/scratch.rs), not a 64 MiB
+/// tmpfs in (guest) RAM: 100 MiB written into / fits; ContainerStats'
+/// writable_layer and ImageFsInfo's container_filesystems count it; a
+/// handler with `writable_layer_mib = 32` runs out past 32 MiB; and
+/// RemoveContainer deletes the file.
+async fn writable_layers_live_on_disk(b: Backend) {
+    let small = match b {
+        Backend::Host => "[handlers.small]\nbackend = \"host\"\nwritable_layer_mib = 32\n".into(),
+        Backend::Vm => format!(
+            "[handlers.small]\nbackend = \"vm\"\nhypervisor = \"qemu\"\naccel = \"tcg\"\n\
+             kernel = \"{}\"\ninitramfs = \"{}\"\nwritable_layer_mib = 32\n",
+            vmpod_tests::artefact("vmlinux").display(),
+            vmpod_tests::artefact("initramfs.cpio").display()
+        ),
+    };
+    let d = Daemon::on(b, &small);
+    let mut cri = d.client().await;
+    let images = d.image_client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "layers", &[])).await;
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config("writer", &["sleep", "3600"], &[]),
+    )
+    .await;
+    start(&mut cri, &c).await;
+    let file = d
+        .state_dir()
+        .join("sandboxes")
+        .join(&pod)
+        .join("scratch")
+        .join(format!("{c}.ext4"));
+    assert_eq!(
+        std::fs::metadata(&file).expect("the layer's file").len(),
+        10 << 30,
+        "the default size"
+    );
+    let r = exec(
+        &mut cri,
+        &c,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=100 2>&1 && sync && ls -l /big",
+        ],
+        300,
+    )
+    .await
+    .expect("ExecSync");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(r.exit_code, 0, "{out}");
+    assert!(out.contains("104857600"), "{out}");
+
+    let stats = cri
+        .container_stats(ContainerStatsRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .expect("stats");
+    let layer = stats.writable_layer.expect("writable_layer");
+    let used = layer.used_bytes.expect("used_bytes").value;
+    // The file and the directories above it; not the filesystem's own
+    // metadata (inode tables of 10 GiB alone are 160 MiB).
+    assert!(
+        (100 << 20..110 << 20).contains(&used),
+        "writable layer used_bytes {used}"
+    );
+    assert!(layer.inodes_used.expect("inodes_used").value >= 1);
+
+    let fs_info = || {
+        let mut images = images.clone();
+        async move {
+            images
+                .image_fs_info(ImageFsInfoRequest {})
+                .await
+                .expect("ImageFsInfo")
+                .into_inner()
+        }
+    };
+    let info = fs_info().await;
+    let fs = info
+        .container_filesystems
+        .first()
+        .expect("container_filesystems");
+    assert_eq!(
+        fs.fs_id.as_ref().unwrap().mountpoint,
+        d.state_dir().join("sandboxes").display().to_string()
+    );
+    let on_node = fs.used_bytes.as_ref().unwrap().value;
+    assert!(on_node >= 100 << 20, "container_filesystems used {on_node}");
+    assert_eq!(fs.inodes_used.as_ref().unwrap().value, 1);
+
+    // A handler's smaller size is the container's limit.
+    let small_pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config(&d, "small-layers", &[])),
+            runtime_handler: "small".into(),
+        })
+        .await
+        .expect("RunPodSandbox small")
+        .into_inner()
+        .pod_sandbox_id;
+    let s = create(
+        &mut cri,
+        &small_pod,
+        container_config("writer", &["sleep", "3600"], &[]),
+    )
+    .await;
+    start(&mut cri, &s).await;
+    let r = exec(
+        &mut cri,
+        &s,
+        &["sh", "-c", "dd if=/dev/zero of=/big bs=1M count=64 2>&1"],
+        300,
+    )
+    .await
+    .expect("ExecSync");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_ne!(r.exit_code, 0, "64 MiB fit a 32 MiB layer: {out}");
+    assert!(out.contains("No space left on device"), "{out}");
+
+    // RemoveContainer takes the file, and the node's count follows.
+    cri.stop_container(StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("StopContainer");
+    cri.remove_container(RemoveContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .expect("RemoveContainer");
+    assert!(!file.exists(), "{} is left", file.display());
+    let on_node = fs_info().await.container_filesystems[0]
+        .used_bytes
+        .as_ref()
+        .unwrap()
+        .value;
+    assert!(on_node < 100 << 20, "container_filesystems used {on_node}");
+    drop(images);
+    stop_remove_pod(&mut cri, &small_pod).await;
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod, small_pod]);
 }

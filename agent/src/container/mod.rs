@@ -1090,7 +1090,11 @@ impl Manager {
             .mounted
             .rw
             .as_deref()
-            .map(rootfs::writable_usage)
+            .map(|rw| {
+                let (bytes, inodes) = rootfs::writable_usage(rw);
+                let (b0, i0) = c.mounted.baseline;
+                (bytes.saturating_sub(b0), inodes.saturating_sub(i0))
+            })
             .unwrap_or((0, 0));
         Ok(StatsResponse {
             timestamp: std::time::SystemTime::now()

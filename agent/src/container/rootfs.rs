@@ -55,6 +55,9 @@ pub struct Mounted {
     pub image: PathBuf,
     pub rw: Option<PathBuf>,
     pub rootfs: PathBuf,
+    /// Bytes and inodes the writable layer's filesystem used when it was
+    /// new (an ext4 scratch disk's own metadata): not the container's.
+    pub baseline: (u64, u64),
 }
 
 fn mount_err<'a>(
@@ -288,6 +291,7 @@ pub fn mount_rootfs(dir: &Path, spec: &Rootfs) -> Result<Mounted, RootfsError> {
             image,
             rw: None,
             rootfs,
+            baseline: (0, 0),
         });
     }
     let rw = dir.join("rw");
@@ -340,10 +344,16 @@ pub fn mount_rootfs(dir: &Path, spec: &Rootfs) -> Result<Mounted, RootfsError> {
         )
         .map_err(mount_err("the overlay", &rootfs))
     })();
+    let baseline = if result.is_ok() {
+        writable_usage(&rw)
+    } else {
+        (0, 0)
+    };
     let mounted = Mounted {
         image,
         rw: Some(rw),
         rootfs,
+        baseline,
     };
     if let Err(e) = result {
         mounted.unmount();
@@ -366,7 +376,8 @@ impl Mounted {
     }
 }
 
-/// Bytes and inodes used in the writable layer.
+/// Bytes and inodes used in the writable layer's filesystem (the
+/// container's share is this less [`Mounted::baseline`]).
 pub fn writable_usage(rw: &Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(rw) {
         Ok(s) => {

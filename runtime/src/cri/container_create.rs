@@ -116,7 +116,39 @@ impl Cri {
         let mut backend = srec.backend.clone().ok_or_else(|| {
             CriError::FailedPrecondition(format!("pod sandbox {} has no backend", srec.id))
         })?;
-        let exposed = backend.expose(&dir, &id, &image, &mounts, &in_use).await?;
+        // The writable layer: a sparse ext4 file of the handler's size where
+        // the handler keeps layers on disk, else a tmpfs the agent makes.
+        let (layer, layer_bytes) = self
+            .config
+            .handler(&srec.resolved_handler)
+            .map(|(_, h)| (h.writable_layer(), h.writable_layer_bytes()))
+            .unwrap_or((
+                crate::config::WritableLayer::Memory,
+                crate::config::DEFAULT_MEMORY_LAYER_MIB << 20,
+            ));
+        let scratch = (layer == crate::config::WritableLayer::Disk
+            && backend.kind() != crate::sandbox::BackendKind::Vmm)
+            .then(|| crate::sandbox::scratch::path(&dir, &id));
+        if let Some(file) = &scratch {
+            crate::sandbox::scratch::create(file, layer_bytes).await?;
+        }
+        let remove_scratch = || {
+            if let Some(file) = &scratch
+                && let Err(e) = crate::sandbox::scratch::remove(file)
+            {
+                tracing::warn!(container = %id, error = %e, "removing a failed container's writable layer");
+            }
+        };
+        let exposed = match backend
+            .expose(&dir, &id, &image, &mounts, scratch.as_deref(), &in_use)
+            .await
+        {
+            Ok(exposed) => exposed,
+            Err(e) => {
+                remove_scratch();
+                return Err(e.into());
+            }
+        };
         // A disk attached now is recorded before anything else: unrecorded,
         // its slot would look free to a restarted daemon.
         if srec.backend.as_ref() != Some(&backend) {
@@ -127,6 +159,7 @@ impl Cri {
             };
             if let Err(e) = self.state.save_sandbox(&r) {
                 let _ = backend.withdraw(&dir, &id);
+                remove_scratch();
                 backend.release_images(&in_use).await;
                 lock(&sandbox.rec).backend = Some(backend);
                 return Err(e.into());
@@ -136,6 +169,7 @@ impl Cri {
             if let Err(e) = backend.withdraw(&dir, &id) {
                 tracing::warn!(container = %id, error = %super::error_chain(&e), "withdrawing a failed container's volumes");
             }
+            remove_scratch();
         };
         let (rootfs_source, mount_sources) = (exposed.rootfs_source, exposed.mount_sources);
         let created = agent_client
@@ -144,11 +178,9 @@ impl Cri {
                 rootfs: Some(agent::Rootfs {
                     source: rootfs_source,
                     fstype: "erofs".into(),
-                    writable_bytes: 0,
+                    writable_bytes: layer_bytes,
                     readonly: false,
-                    // The size-limited tmpfs until the daemon manages
-                    // scratch disks per container.
-                    scratch_source: String::new(),
+                    scratch_source: exposed.scratch_source,
                 }),
                 process: Some(process),
                 mounts: mounts

@@ -398,6 +398,14 @@ impl Cri {
             if let Some(mut backend) = srec.backend.clone() {
                 let dir = self.state.sandbox_dir(&srec.id);
                 backend.withdraw(&dir, &rec.id)?;
+                // Its writable layer on disk, if it had one.
+                crate::sandbox::scratch::remove(&crate::sandbox::scratch::path(&dir, &rec.id))
+                    .map_err(|e| {
+                        CriError::Internal(format!(
+                            "removing the writable layer of {}: {e}",
+                            rec.id
+                        ))
+                    })?;
                 if lock(&sandbox.agent).is_some() {
                     let in_use: std::collections::BTreeSet<String> = self
                         .containers_of(&srec.id)

@@ -207,6 +207,23 @@ impl crate::image::service::ImageUsage for Cri {
             .values()
             .any(|c| lock(&c.rec).image_id == image_id)
     }
+
+    /// The writable layers on disk of every container the daemon knows.
+    fn container_fs(&self) -> Option<crate::image::service::ContainerFs> {
+        let files: Vec<std::path::PathBuf> = lock(&self.containers)
+            .values()
+            .map(|c| {
+                let r = lock(&c.rec);
+                crate::sandbox::scratch::path(&self.state.sandbox_dir(&r.sandbox_id), &r.id)
+            })
+            .collect();
+        let (used_bytes, inodes_used) = crate::sandbox::scratch::usage(files);
+        Some(crate::image::service::ContainerFs {
+            mountpoint: self.state.sandboxes().display().to_string(),
+            used_bytes,
+            inodes_used,
+        })
+    }
 }
 
 impl std::fmt::Debug for Cri {

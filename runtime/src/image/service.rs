@@ -29,6 +29,25 @@ use super::unpack::UnpackError;
 pub trait ImageUsage: Send + Sync {
     /// Whether any container was created from the image ID.
     fn in_use(&self, image_id: &str) -> bool;
+
+    /// The filesystem of containers' writable layers on the node, for
+    /// ImageFsInfo's `container_filesystems`; None: the runtime has none
+    /// (layers in memory only).
+    fn container_fs(&self) -> Option<ContainerFs> {
+        None
+    }
+}
+
+/// What containers' writable layers take on the node's disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerFs {
+    /// Where they live (the mountpoint reported as the filesystem's ID).
+    pub mountpoint: String,
+    /// Bytes the layers' files take (allocated: sparse files count only
+    /// what was written).
+    pub used_bytes: u64,
+    /// The node's inodes they take: one per layer file.
+    pub inodes_used: u64,
 }
 
 /// The CRI ImageService.
@@ -247,7 +266,23 @@ impl CriImageService {
                     value: usage.inodes,
                 }),
             }],
-            container_filesystems: vec![],
+            container_filesystems: self
+                .usage
+                .container_fs()
+                .map(|fs| FilesystemUsage {
+                    timestamp,
+                    fs_id: Some(FilesystemIdentifier {
+                        mountpoint: fs.mountpoint,
+                    }),
+                    used_bytes: Some(UInt64Value {
+                        value: fs.used_bytes,
+                    }),
+                    inodes_used: Some(UInt64Value {
+                        value: fs.inodes_used,
+                    }),
+                })
+                .into_iter()
+                .collect(),
         })
     }
 }

@@ -88,6 +88,7 @@ impl SandboxBackend for HostState {
         _container_id: &str,
         image: &ResolvedImage,
         mounts: &[MountRecord],
+        scratch: Option<&Path>,
         _in_use: &BTreeSet<String>,
     ) -> Result<Exposed, SandboxError> {
         // The agent shares the node's filesystem: it stages each mount
@@ -95,6 +96,7 @@ impl SandboxBackend for HostState {
         Ok(Exposed {
             rootfs_source: image.erofs_path.display().to_string(),
             mount_sources: mounts.iter().map(|m| m.host_path.clone()).collect(),
+            scratch_source: scratch.map(|p| p.display().to_string()).unwrap_or_default(),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod host;
 pub mod qemu;
 pub mod rollback;
+pub mod scratch;
 pub mod shared_fs;
 pub mod vm;
 pub mod vmm;
@@ -184,6 +185,8 @@ pub struct Started {
 pub struct Exposed {
     pub rootfs_source: String,
     pub mount_sources: Vec<String>,
+    /// The container's writable-layer file (see scratch.rs); empty: none.
+    pub scratch_source: String,
 }
 
 /// The one interface between the RPCs and a backend.
@@ -226,15 +229,17 @@ pub trait SandboxBackend: Sized {
         grace: Duration,
     ) -> impl Future<Output = Result<(), SandboxError>> + Send;
 
-    /// Makes a container's image and volumes reachable by the agent
-    /// (attaching a disk, exposing through the share). `in_use`: the images
-    /// of the pod's other containers. May change the state.
+    /// Makes a container's image, volumes and writable-layer file
+    /// (`scratch`, read-write) reachable by the agent (attaching a disk,
+    /// exposing through the share). `in_use`: the images of the pod's other
+    /// containers. May change the state.
     fn expose(
         &mut self,
         dir: &Path,
         container_id: &str,
         image: &ResolvedImage,
         mounts: &[MountRecord],
+        scratch: Option<&Path>,
         in_use: &BTreeSet<String>,
     ) -> impl Future<Output = Result<Exposed, SandboxError>> + Send;
 
@@ -341,9 +346,10 @@ impl BackendState {
         container_id: &str,
         image: &ResolvedImage,
         mounts: &[MountRecord],
+        scratch: Option<&Path>,
         in_use: &BTreeSet<String>,
     ) -> Result<Exposed, SandboxError> {
-        dispatch!(self, s => s.expose(dir, container_id, image, mounts, in_use).await)
+        dispatch!(self, s => s.expose(dir, container_id, image, mounts, scratch, in_use).await)
     }
 
     pub fn withdraw(&self, dir: &Path, container_id: &str) -> Result<(), SandboxError> {

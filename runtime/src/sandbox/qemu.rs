@@ -225,19 +225,21 @@ impl SandboxBackend for QemuState {
         container_id: &str,
         image: &ResolvedImage,
         mounts: &[MountRecord],
+        scratch: Option<&Path>,
         _in_use: &BTreeSet<String>,
     ) -> Result<Exposed, SandboxError> {
-        // Volumes, and an image that has no boot disk, reach the guest
-        // through the pod's virtio-fs share.
+        // Volumes, the writable-layer file, and an image that has no boot
+        // disk reach the guest through the pod's virtio-fs share.
         let boot_disk = self.image_disks.get(&image.id);
         let late_image = boot_disk.is_none().then_some(image.erofs_path.as_path());
-        let exposed = Share::new(dir).expose(container_id, mounts, late_image)?;
+        let exposed = Share::new(dir).expose(container_id, mounts, late_image, scratch)?;
         Ok(Exposed {
             rootfs_source: match boot_disk {
                 Some(serial) => format!("serial:{serial}"),
                 None => exposed.rootfs_source.unwrap_or_default(),
             },
             mount_sources: exposed.mount_sources,
+            scratch_source: exposed.scratch_source.unwrap_or_default(),
         })
     }
 

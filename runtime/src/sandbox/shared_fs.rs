@@ -11,6 +11,8 @@
 //!                                     attached as a detached recursive clone
 //!                                     (private, nosuid, nodev; read-only if asked)
 //! <sandbox dir>/mounts/<cid>/rootfs   an image's erofs file, read-only
+//! <sandbox dir>/mounts/<cid>/scratch  the container's writable-layer file
+//!                                     (an ext4 image, see scratch.rs), read-write
 //! <sandbox dir>/shared/               a read-only slave bind of mounts/: what
 //!                                     virtiofsd exports (tag `vmpod`)
 //! ```
@@ -52,6 +54,8 @@ pub const TAG: &str = vmpod_proto::SHARED_FS_TAG;
 const VIRTIOFSD_START: Duration = Duration::from_secs(10);
 /// The staged name of a container's image file.
 const ROOTFS_NAME: &str = "rootfs";
+/// The staged name of a container's writable-layer file.
+const SCRATCH_NAME: &str = "scratch";
 
 /// Errors of a pod's share.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,8 @@ pub struct Exposed {
     pub mount_sources: Vec<String>,
     /// `shared:<cid>/rootfs` when the image file was exposed.
     pub rootfs_source: Option<String>,
+    /// `shared:<cid>/scratch` when the writable-layer file was exposed.
+    pub scratch_source: Option<String>,
 }
 
 /// A pod's share, named by its sandbox dir.
@@ -201,6 +207,7 @@ impl Share {
         container_id: &str,
         mounts: &[MountRecord],
         image_file: Option<&Path>,
+        scratch_file: Option<&Path>,
     ) -> Result<Exposed, SharedFsError> {
         if !is_name(container_id) {
             return Err(SharedFsError::Io {
@@ -211,7 +218,7 @@ impl Share {
         }
         // Nothing to share: nothing to touch (and pods started before the
         // share existed keep running containers without volumes).
-        if mounts.is_empty() && image_file.is_none() {
+        if mounts.is_empty() && image_file.is_none() && scratch_file.is_none() {
             return Ok(Exposed::default());
         }
         if !self.is_prepared() {
@@ -237,6 +244,14 @@ impl Share {
                 attach(&source, &dir.join(ROOTFS_NAME), true, false)?;
                 out.rootfs_source = Some(format!(
                     "{}{container_id}/{ROOTFS_NAME}",
+                    vmpod_proto::SHARED_SOURCE_PREFIX
+                ));
+            }
+            if let Some(file) = scratch_file {
+                let source = open_source(&file.display().to_string())?;
+                attach(&source, &dir.join(SCRATCH_NAME), false, false)?;
+                out.scratch_source = Some(format!(
+                    "{}{container_id}/{SCRATCH_NAME}",
                     vmpod_proto::SHARED_SOURCE_PREFIX
                 ));
             }
@@ -765,12 +780,17 @@ mod tests {
         std::fs::write(&hosts, b"127.0.0.1 x\n").unwrap();
         let image = tmp.path().join("image.erofs");
         std::fs::write(&image, b"image bytes").unwrap();
+        let layer = tmp.path().join("layer.ext4");
+        std::fs::write(&layer, b"layer").unwrap();
 
         let share = Share::new(&sandbox);
         assert!(!share.is_prepared());
         // Without a share, a container with nothing to share still works;
         // one with a volume gets FailedPrecondition material.
-        assert_eq!(share.expose("c0", &[], None).unwrap(), Exposed::default());
+        assert_eq!(
+            share.expose("c0", &[], None, None).unwrap(),
+            Exposed::default()
+        );
         assert!(!share.staging().exists());
         let vol = [MountRecord {
             container_path: "/x".into(),
@@ -779,7 +799,7 @@ mod tests {
             ..Default::default()
         }];
         assert!(matches!(
-            share.expose("c0", &vol, None),
+            share.expose("c0", &vol, None, None),
             Err(SharedFsError::NoShare)
         ));
         share.prepare().unwrap();
@@ -804,7 +824,9 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let exposed = share.expose("c1", &mounts, Some(&image)).unwrap();
+        let exposed = share
+            .expose("c1", &mounts, Some(&image), Some(&layer))
+            .unwrap();
         assert_eq!(
             exposed,
             Exposed {
@@ -814,6 +836,7 @@ mod tests {
                     "shared:c1/2".into()
                 ],
                 rootfs_source: Some("shared:c1/rootfs".into()),
+                scratch_source: Some("shared:c1/scratch".into()),
             }
         );
         let exported = share.exported().join("c1");
@@ -832,6 +855,9 @@ mod tests {
         );
         let err = write(&exported.join("rootfs")).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        // The writable layer's file is writable through the export.
+        write(&exported.join("scratch")).unwrap();
+        assert_eq!(std::fs::read(&layer).unwrap(), b"x");
         // The export itself is read-only: nothing can be planted beside
         // the volumes.
         let err = write(&share.exported().join("planted")).unwrap_err();
@@ -845,7 +871,7 @@ mod tests {
             ..Default::default()
         }];
         assert!(matches!(
-            share.expose("c2", &missing, None),
+            share.expose("c2", &missing, None, None),
             Err(SharedFsError::MissingSource(_))
         ));
         assert!(!share.staging().join("c2").exists());
@@ -856,7 +882,7 @@ mod tests {
         assert!(!share.staging().join("c1").exists());
         share.withdraw("c1").unwrap();
 
-        share.expose("c3", &mounts[..1], None).unwrap();
+        share.expose("c3", &mounts[..1], None, None).unwrap();
         remove_sandbox_dir(&sandbox).unwrap();
         assert!(mounts_at_or_under(tmp.path()).is_empty());
         assert!(!sandbox.exists());

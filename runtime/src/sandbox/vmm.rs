@@ -416,8 +416,16 @@ impl SandboxBackend for VmmState {
         _container_id: &str,
         image: &ResolvedImage,
         mounts: &[MountRecord],
+        scratch: Option<&Path>,
         in_use: &BTreeSet<String>,
     ) -> Result<Exposed, SandboxError> {
+        if scratch.is_some() {
+            return Err(SandboxError::Precondition(
+                "the vmpod hypervisor keeps writable layers in memory; a disk-backed one needs \
+                 a handler with hypervisor = \"qemu\""
+                    .into(),
+            ));
+        }
         if !mounts.is_empty() {
             return Err(SandboxError::Precondition(
                 "the vmpod hypervisor has no shared filesystem yet, so containers with mounts \
@@ -428,7 +436,7 @@ impl SandboxBackend for VmmState {
         let serial = self.attach(image, in_use).await?;
         Ok(Exposed {
             rootfs_source: format!("serial:{serial}"),
-            mount_sources: Vec::new(),
+            ..Default::default()
         })
     }
 
@@ -687,6 +695,7 @@ mod tests {
             "c",
             &image(image_id),
             &[],
+            None,
             &set(in_use),
         )
         .await
@@ -779,7 +788,14 @@ mod tests {
             ..Default::default()
         };
         let err = s
-            .expose(Path::new("/unused"), "c", &image("a"), &[mount], &set(&[]))
+            .expose(
+                Path::new("/unused"),
+                "c",
+                &image("a"),
+                &[mount],
+                None,
+                &set(&[]),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, SandboxError::Precondition(_)), "{err:?}");
