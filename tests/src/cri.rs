@@ -61,6 +61,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// The network namespace the daemon runs in (see [`Daemon::in_netns`]).
     netns: Option<PathBuf>,
+    /// The `vmpod` binary it runs (see [`Daemon::from_copy`]).
+    binary: PathBuf,
 }
 
 /// Which sandbox backend a scenario's pods run on (the daemon's default
@@ -170,9 +172,34 @@ impl Daemon {
             config,
             child: None,
             netns,
+            binary: vmpod_binary(),
         };
         d.spawn();
         d
+    }
+
+    /// Like [`Daemon::start`], but the daemon runs a copy of the `vmpod`
+    /// binary in its temp dir ([`Daemon::binary`]), which a test may
+    /// replace as a package upgrade does.
+    pub fn from_copy(extra: &str) -> Daemon {
+        let mut d = Daemon::start(extra);
+        let bin = d.dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("the binary's dir");
+        let copy = bin.join("vmpod");
+        std::fs::copy(vmpod_binary(), &copy).expect("copying vmpod");
+        // The daemon started from the build has no pods yet: replaced.
+        if let Some(mut c) = d.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        d.binary = copy;
+        d.spawn();
+        d
+    }
+
+    /// The `vmpod` binary this daemon runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
     }
 
     fn spawn(&mut self) {
@@ -182,7 +209,7 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("vmpod.log"))
             .expect("daemon log");
-        let mut cmd = Command::new(vmpod_binary());
+        let mut cmd = Command::new(&self.binary);
         if let Some(netns) = &self.netns {
             let ns = std::fs::File::open(netns).expect("opening the test netns");
             use std::os::fd::AsRawFd;

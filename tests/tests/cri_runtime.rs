@@ -1775,3 +1775,59 @@ async fn writable_layers_live_on_disk(b: Backend) {
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod, small_pod]);
 }
+
+/// An upgrade replaces the binary under the running daemon (a new file
+/// renamed over the old, as dpkg does): the log pumps it starts afterwards
+/// run the new binary, not the deleted image `/proc/self/exe` names (the
+/// path is resolved once at start-up; VMMs are spawned the same way).
+#[tokio::test]
+async fn after_an_upgrade_new_pumps_run_the_new_binary() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::from_copy("");
+    let mut cri = d.client().await;
+    let pod = run_pod(&mut cri, pod_config(&d, "upgrade", &[])).await;
+    let exe_of = |pid: i32| {
+        let link = std::fs::read_link(format!("/proc/{pid}/exe")).expect("its exe");
+        let ino = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .expect("its exe")
+            .ino();
+        (link, ino)
+    };
+    let started = |name: &'static str| {
+        let mut cri = cri.clone();
+        let pod = pod.clone();
+        async move {
+            let c = create(
+                &mut cri,
+                &pod,
+                container_config(name, &["sleep", "3600"], &[]),
+            )
+            .await;
+            start(&mut cri, &c).await;
+            c
+        }
+    };
+    let before = started("before").await;
+    let (link, ino) = exe_of(log_pump_of(&d, &pod, &before).expect("a pump"));
+    assert_eq!(link, d.binary());
+    assert_eq!(ino, std::fs::metadata(d.binary()).unwrap().ino());
+
+    let new = d.binary().with_extension("new");
+    std::fs::copy(d.binary(), &new).expect("the new binary");
+    std::fs::rename(&new, d.binary()).expect("renaming it into place");
+    let new_ino = std::fs::metadata(d.binary()).unwrap().ino();
+    assert_ne!(new_ino, ino);
+    let (daemon_exe, _) = exe_of(d.pid() as i32);
+    assert!(
+        daemon_exe.display().to_string().ends_with(" (deleted)"),
+        "the daemon should run the replaced image: {}",
+        daemon_exe.display()
+    );
+
+    let after = started("after").await;
+    let (link, ino) = exe_of(log_pump_of(&d, &pod, &after).expect("a pump"));
+    assert_eq!(link, d.binary(), "the new pump runs a deleted image");
+    assert_eq!(ino, new_ino);
+    stop_remove_pod(&mut cri, &pod).await;
+    assert_no_leaks(&d, &[pod]);
+}
