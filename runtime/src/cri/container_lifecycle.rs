@@ -120,9 +120,15 @@ impl Cri {
         let pump = crate::process::Proc::of(pid).ok_or_else(|| {
             CriError::Internal(format!("the log pump of {} ended at once", rec.id))
         })?;
-        if let Err(e) = crate::sandbox::cgroups::join_cgroups(&srec.cgroup_parent, &[pid]) {
-            pump.kill();
-            return Err(CriError::Sandbox(e.into()));
+        match crate::sandbox::cgroups::join_cgroups(&srec.cgroup_parent, &[pid]) {
+            Ok(()) => {}
+            // A container that exits at once has its output copied and
+            // its pump gone before it could move: nothing left to place.
+            Err(e) if e.source.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => {
+                pump.kill();
+                return Err(CriError::Sandbox(e.into()));
+            }
         }
         Ok(pump)
     }
