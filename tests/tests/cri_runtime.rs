@@ -180,12 +180,12 @@ async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
         .into_inner()
         .stats
         .expect("stats");
-    assert!(
-        stats
-            .memory
-            .and_then(|m| m.working_set_bytes)
-            .is_some_and(|v| v.value > 0)
-    );
+    let container_ws = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    assert!(container_ws > 0);
     let pod_stats = cri
         .pod_sandbox_stats(PodSandboxStatsRequest {
             pod_sandbox_id: pod.clone(),
@@ -197,10 +197,27 @@ async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
         .and_then(|s| s.linux)
         .expect("linux pod stats");
     assert_eq!(pod_stats.containers.len(), 1);
+    // The pod's figures are its cgroup on the node: its container and
+    // more (the agent, the log pump; a VM pod's whole VM).
+    let pod_ws = pod_stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value)
+        .unwrap_or(0);
+    assert!(
+        pod_ws >= container_ws,
+        "pod {pod_ws} < container {container_ws}"
+    );
+    if b == Backend::Vm {
+        assert!(
+            pod_ws >= 32 << 20,
+            "a VM pod's memory is its VM's, not {pod_ws} bytes"
+        );
+    }
     assert!(
         pod_stats
-            .memory
-            .and_then(|m| m.working_set_bytes)
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
             .is_some_and(|v| v.value > 0)
     );
     let listed = cri

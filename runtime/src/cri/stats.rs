@@ -124,6 +124,27 @@ impl Cri {
             containers.extend(got.into_iter().flatten());
         }
         let now = super::now_ns();
+        // The pod's cgroup on the host when it can be read (what the pod
+        // costs the node: a VM's memory, the agent, the pumps); otherwise
+        // the sum of its containers.
+        if let Some(u) = crate::sandbox::cgroups::usage(&rec.cgroup_parent) {
+            let v = |value| Some(UInt64Value { value });
+            return Ok(self.pod_stats(
+                &rec,
+                CpuUsage {
+                    timestamp: now,
+                    usage_core_nano_seconds: v(u.cpu_ns),
+                    ..Default::default()
+                },
+                MemoryUsage {
+                    timestamp: now,
+                    working_set_bytes: v(u.working_set_bytes),
+                    usage_bytes: v(u.memory_bytes),
+                    ..Default::default()
+                },
+                containers,
+            ));
+        }
         let sum = |f: &dyn Fn(&ContainerStats) -> Option<u64>| {
             Some(UInt64Value {
                 value: containers.iter().filter_map(f).sum(),
@@ -140,19 +161,48 @@ impl Cri {
             }),
             ..Default::default()
         };
+        // The backend's own processes on top: a host pod's agent, outside
+        // its containers' cgroups; a VM, whose resident memory holds its
+        // containers' (so the larger of the two, not the sum).
+        let overhead = rec
+            .backend
+            .as_ref()
+            .map(|b| (b.is_vm(), b.overhead_bytes()));
+        let with_overhead = |containers: Option<UInt64Value>| {
+            let value = containers.map(|v| v.value).unwrap_or(0);
+            Some(UInt64Value {
+                value: match overhead {
+                    Some((true, vm)) => value.max(vm),
+                    Some((false, agent)) => value + agent,
+                    None => value,
+                },
+            })
+        };
         let memory = MemoryUsage {
             timestamp: now,
-            working_set_bytes: sum(&|c| {
+            working_set_bytes: with_overhead(sum(&|c| {
                 c.memory
                     .as_ref()?
                     .working_set_bytes
                     .as_ref()
                     .map(|v| v.value)
-            }),
-            usage_bytes: sum(&|c| c.memory.as_ref()?.usage_bytes.as_ref().map(|v| v.value)),
+            })),
+            usage_bytes: with_overhead(sum(&|c| {
+                c.memory.as_ref()?.usage_bytes.as_ref().map(|v| v.value)
+            })),
             ..Default::default()
         };
-        Ok(PodSandboxStats {
+        Ok(self.pod_stats(&rec, cpu, memory, containers))
+    }
+
+    fn pod_stats(
+        &self,
+        rec: &super::store::SandboxRecord,
+        cpu: CpuUsage,
+        memory: MemoryUsage,
+        containers: Vec<ContainerStats>,
+    ) -> PodSandboxStats {
+        PodSandboxStats {
             attributes: Some(PodSandboxAttributes {
                 id: rec.id.clone(),
                 metadata: Some(PodSandboxMetadata {
@@ -171,7 +221,7 @@ impl Cri {
                 ..Default::default()
             }),
             ..Default::default()
-        })
+        }
     }
 
     pub(super) async fn pod_sandbox_stats(

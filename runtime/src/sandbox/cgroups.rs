@@ -66,6 +66,72 @@ pub fn join_cgroups(parent: &str, pids: &[i32]) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// What a pod's cgroup on the host has used: a host pod's containers,
+/// agent and log pumps; a VM pod's VMM or QEMU (the guest's memory as the
+/// node backs it), its helpers and log pumps. PodSandboxStats reports
+/// these, as containerd reports the sandbox cgroup, so the kubelet sees
+/// what the pod costs the node, not only what its containers see inside.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+    /// Memory less inactive file pages, as the kubelet computes it.
+    pub working_set_bytes: u64,
+}
+
+/// The pod cgroup's usage, from the memory and cpuacct hierarchies (cgroup
+/// v1) or the unified one (v2); None when they cannot be read.
+pub fn usage(parent: &str) -> Option<Usage> {
+    usage_in(Path::new("/sys/fs/cgroup"), parent)
+}
+
+fn usage_in(root: &Path, parent: &str) -> Option<Usage> {
+    let rel = parent.trim_start_matches('/');
+    if rel.is_empty() {
+        return None;
+    }
+    let (memory, inactive, cpu_ns) = if root.join("cgroup.procs").exists() {
+        let dir = root.join(rel);
+        let memory = read_u64(&dir.join("memory.current"))?;
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+        let cpu = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+        (
+            memory,
+            stat_field(&stat, "inactive_file").unwrap_or(0),
+            stat_field(&cpu, "usage_usec")?.saturating_mul(1000),
+        )
+    } else {
+        let dir = root.join("memory").join(rel);
+        let memory = read_u64(&dir.join("memory.usage_in_bytes"))?;
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+        (
+            memory,
+            stat_field(&stat, "total_inactive_file").unwrap_or(0),
+            read_u64(&root.join("cpuacct").join(rel).join("cpuacct.usage"))?,
+        )
+    };
+    Some(Usage {
+        cpu_ns,
+        memory_bytes: memory,
+        working_set_bytes: memory.saturating_sub(inactive),
+    })
+}
+
+/// A small cgroup file holding one number.
+fn read_u64(path: &Path) -> Option<u64> {
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut std::fs::File::open(path).ok()?, &mut buf).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.trim().parse().ok()
+}
+
+/// `key value` lines (memory.stat, cpu.stat).
+fn stat_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
 /// Kills whatever still runs under a sandbox's cgroup parent, in every
 /// hierarchy of the host, and removes the cgroups, deepest first. False
 /// when some are left (a process that would not die).
@@ -115,5 +181,52 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
                 collect_dirs(&e.path(), out);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_reads_v1_and_v2_layouts() {
+        let v1 = tempfile::tempdir().unwrap();
+        let mem = v1.path().join("memory/vmpod/p1");
+        let cpu = v1.path().join("cpuacct/vmpod/p1");
+        std::fs::create_dir_all(&mem).unwrap();
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::write(mem.join("memory.usage_in_bytes"), "1000000\n").unwrap();
+        std::fs::write(
+            mem.join("memory.stat"),
+            "cache 5\ninactive_file 1\ntotal_inactive_file 400000\n",
+        )
+        .unwrap();
+        std::fs::write(cpu.join("cpuacct.usage"), "123456789\n").unwrap();
+        assert_eq!(
+            usage_in(v1.path(), "/vmpod/p1"),
+            Some(Usage {
+                cpu_ns: 123456789,
+                memory_bytes: 1000000,
+                working_set_bytes: 600000,
+            })
+        );
+        assert_eq!(usage_in(v1.path(), "/vmpod/gone"), None);
+        assert_eq!(usage_in(v1.path(), ""), None);
+
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("cgroup.procs"), "").unwrap();
+        let dir = v2.path().join("vmpod/p2");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.current"), "2048\n").unwrap();
+        std::fs::write(dir.join("memory.stat"), "anon 1024\ninactive_file 48\n").unwrap();
+        std::fs::write(dir.join("cpu.stat"), "usage_usec 7\nuser_usec 5\n").unwrap();
+        assert_eq!(
+            usage_in(v2.path(), "vmpod/p2"),
+            Some(Usage {
+                cpu_ns: 7000,
+                memory_bytes: 2048,
+                working_set_bytes: 2000,
+            })
+        );
     }
 }
