@@ -424,8 +424,16 @@ impl Daemon {
             let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&text) else {
                 continue;
             };
-            for key in ["agent_pid", "vmm_pid", "vsock_pid", "virtiofsd_pid"] {
-                if let Some(pid) = rec[key].as_i64().and_then(|p| i32::try_from(p).ok()) {
+            // Every process the backend recorded: `{"pid": .., "start": ..}`
+            // values in its state (agent, VMM or QEMU, helpers).
+            let procs = rec["backend"]
+                .as_object()
+                .into_iter()
+                .flat_map(|b| b.values());
+            for p in procs {
+                if p["start"].is_u64()
+                    && let Some(pid) = p["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+                {
                     // SAFETY: kill(2) takes plain integers; the PID is one
                     // this test's daemon started and recorded.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
