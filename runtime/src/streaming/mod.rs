@@ -23,6 +23,23 @@ pub mod spdy;
 pub mod token;
 mod websocket;
 
+/// Entry points for the fuzz targets (`fuzz/`): the streaming server's
+/// parsers of client input besides SPDY's (`spdy::frame`, `spdy::headers`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes a WebSocket message under every sub-protocol and checks
+    /// that what decodes round-trips.
+    pub fn websocket_message(text: bool, payload: &[u8]) {
+        super::websocket::fuzz_message(text, payload)
+    }
+
+    /// Feeds a terminal-resize stream split into `chunks`; whether it
+    /// stayed well-formed.
+    pub fn resize_stream(chunks: &[&[u8]]) -> bool {
+        super::remotecommand::fuzz_resize(chunks)
+    }
+}
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -301,6 +318,19 @@ impl StreamingServer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fuzzing_entries_take_what_clients_send() {
+        super::fuzzing::websocket_message(false, b"\x00hello");
+        super::fuzzing::websocket_message(true, b"0aGVsbG8=");
+        super::fuzzing::websocket_message(true, b"\xff\xfe");
+        super::fuzzing::websocket_message(false, b"");
+        assert!(super::fuzzing::resize_stream(&[
+            br#"{"Width":80,"#,
+            br#""Height":24}"#
+        ]));
+        assert!(!super::fuzzing::resize_stream(&[b"not json"]));
+    }
+
     use super::*;
 
     #[test]

@@ -374,6 +374,19 @@ impl ResizeBuf {
     }
 }
 
+/// Fuzzing entry (see `super::fuzzing`): a resize stream in `chunks`;
+/// whether it stayed well-formed. The buffer never grows past its bound.
+pub(super) fn fuzz_resize(chunks: &[&[u8]]) -> bool {
+    let mut buf = ResizeBuf::default();
+    for chunk in chunks {
+        if buf.push(chunk).is_err() {
+            return false;
+        }
+        assert!(buf.0.len() <= MAX_RESIZE_BUF);
+    }
+    true
+}
+
 /// The terminal size a tty exec starts with: the client's first resize
 /// message when it comes within [`FIRST_SIZE_WAIT`] (client-go sends the
 /// terminal's size as soon as the resize stream is open), so the process

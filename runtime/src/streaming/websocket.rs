@@ -108,6 +108,33 @@ impl WsProtocol {
     }
 }
 
+/// Fuzzing entry (see `super::fuzzing`): a client message of `payload`
+/// (a text frame when `text`, which must be UTF-8 as tungstenite checks)
+/// under every sub-protocol; what decodes re-encodes to the same channel
+/// and data.
+pub(super) fn fuzz_message(text: bool, payload: &[u8]) {
+    let msg = || {
+        if text {
+            std::str::from_utf8(payload)
+                .ok()
+                .map(|t| Message::Text(t.to_string().into()))
+        } else {
+            Some(Message::Binary(payload.to_vec().into()))
+        }
+    };
+    for name in NAMES {
+        let Some(protocol) = WsProtocol::from_name(name) else {
+            continue;
+        };
+        let Some((channel, data)) = msg().and_then(|m| protocol.decode(m)) else {
+            continue;
+        };
+        assert!(data.len() <= payload.len());
+        let again = protocol.decode(protocol.encode(channel, &data));
+        assert_eq!(again, Some((channel, data)), "{name}");
+    }
+}
+
 /// One writable channel.
 struct WsSink {
     channel: u8,
