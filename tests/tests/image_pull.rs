@@ -612,3 +612,75 @@ fn token_auth_registry_uses_the_bearer_challenge_flow() {
         .expect("pull with an identity token");
     assert_eq!(record.id, built.config);
 }
+
+/// A hostile registry that answers a manifest GET with an endless body
+/// (chunked, no length to refuse up front): the pull fails with TooLarge
+/// after the 4 MiB bound, having read only that much (the registry's
+/// writes stop once the client hangs up), and keeps nothing.
+#[test]
+fn an_endless_manifest_is_cut_at_its_bound() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let mut sent_to_manifest = 0u64;
+        // /v2/ (the auth probe), then the manifest GET.
+        for _ in 0..2 {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let mut stream = stream;
+            if !request.contains("/manifests/") {
+                stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                    )
+                    .unwrap();
+                continue;
+            }
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                      Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap();
+            let chunk = vec![b' '; 1 << 20];
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            // Up to 1 GiB, until the client hangs up.
+            for _ in 0..1024 {
+                if stream.write_all(&framed).is_err() {
+                    break;
+                }
+                sent_to_manifest += chunk.len() as u64;
+            }
+        }
+        sent_to_manifest
+    });
+    let state = tempfile::tempdir().unwrap();
+    let m = ImageManager::open(state.path(), config(&[(&host, vec![plain(&host)])])).unwrap();
+    let err = pull(&m, &format!("{host}/hostile/endless:v1")).expect_err("an endless manifest");
+    assert!(
+        matches!(
+            err,
+            ImageError::Pull(
+                _,
+                PullError::TooLarge {
+                    what: "manifest",
+                    ..
+                }
+            )
+        ),
+        "{err:?}"
+    );
+    let sent = server.join().unwrap();
+    // What was read (4 MiB) plus what the sockets' buffers took.
+    assert!(sent < 32 << 20, "the registry got {sent} bytes out");
+    no_leftovers(state.path());
+}

@@ -436,7 +436,7 @@ impl Puller {
         };
 
         let (bytes, digest) = self
-            .fetch_manifest(&client, &oci_ref, &auth, &host, reference.digest())
+            .fetch_manifest(&client, &oci_ref, &auth, endpoint, reference.digest())
             .await?;
         let repo_digest = digest.clone();
         let (manifest_digest, manifest_bytes, manifest) =
@@ -447,7 +447,7 @@ impl Puller {
                     let want = manifest::digest_of(&desc).map_err(bad)?;
                     let by_digest = oci_ref.clone_with_digest(want.clone());
                     let (bytes, digest) = self
-                        .fetch_manifest(&client, &by_digest, &auth, &host, Some(&want))
+                        .fetch_manifest(&client, &by_digest, &auth, endpoint, Some(&want))
                         .await?;
                     match manifest::parse(&bytes, None).map_err(bad)? {
                         Document::Manifest(m) => (digest, bytes, m),
@@ -616,32 +616,29 @@ impl Puller {
             .ok_or_else(unauthorized)
     }
 
+    /// GETs a manifest, reading at most [`manifest::MAX_MANIFEST_BYTES`]
+    /// of its body: oci-client negotiates the registry's auth (Basic, or a
+    /// Bearer token from its realm) and hands us the token, but its own
+    /// manifest GET buffers a body of any size, so the GET is ours.
     async fn fetch_manifest(
         &self,
         client: &oci_client::Client,
         oci_ref: &oci_client::Reference,
         auth: &RegistryAuth,
-        host: &str,
+        endpoint: &Endpoint,
         expected: Option<&str>,
     ) -> Result<(Vec<u8>, String), PullError> {
         let timeout = self.config.request_timeout();
-        let (bytes, _) = tokio::time::timeout(
+        let host = endpoint.host.as_str();
+        let bytes = tokio::time::timeout(
             timeout,
-            client.pull_manifest_raw(oci_ref, auth, &manifest::ACCEPTED),
+            self.get_manifest_bounded(client, oci_ref, auth, endpoint),
         )
         .await
         .map_err(|_| PullError::Timeout {
             endpoint: host.to_string(),
             timeout,
-        })?
-        .map_err(|e| classify(e, host, &oci_ref.whole()))?;
-        if bytes.len() as u64 > manifest::MAX_MANIFEST_BYTES {
-            return Err(PullError::TooLarge {
-                what: "manifest",
-                digest: oci_ref.whole(),
-                limit: manifest::MAX_MANIFEST_BYTES,
-            });
-        }
+        })??;
         // Our own check, whatever the client did: the digest is the identity.
         let digest = sha256_digest(&bytes);
         if let Some(expected) = expected
@@ -653,9 +650,105 @@ impl Puller {
                 expected: expected.to_string(),
             });
         }
-        Ok((bytes.to_vec(), digest))
+        Ok((bytes, digest))
+    }
+
+    async fn get_manifest_bounded(
+        &self,
+        client: &oci_client::Client,
+        oci_ref: &oci_client::Reference,
+        auth: &RegistryAuth,
+        endpoint: &Endpoint,
+    ) -> Result<Vec<u8>, PullError> {
+        let host = endpoint.host.as_str();
+        let name = oci_ref.whole();
+        let token = client
+            .auth(oci_ref, auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| classify(e, host, &name))?;
+        let scheme = if endpoint.plain_http { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{host}/v2/{}/manifests/{}",
+            oci_ref.repository(),
+            oci_ref.digest().or(oci_ref.tag()).unwrap_or("latest")
+        );
+        let failed = |e: reqwest::Error| PullError::Registry {
+            endpoint: host.to_string(),
+            source: OciDistributionError::RequestError(e),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs.max(1)))
+            .user_agent(concat!("vmpod/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(failed)?;
+        let mut request = http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
+        request = match (token, auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            _ => request,
+        };
+        let mut response = request.send().await.map_err(failed)?;
+        let status = response.status();
+        let limit = if status.is_success() {
+            manifest::MAX_MANIFEST_BYTES
+        } else {
+            MAX_ERROR_BODY
+        };
+        if response.content_length().is_some_and(|n| n > limit) && status.is_success() {
+            return Err(PullError::TooLarge {
+                what: "manifest",
+                digest: name,
+                limit,
+            });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(failed)? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                if !status.is_success() {
+                    break;
+                }
+                return Err(PullError::TooLarge {
+                    what: "manifest",
+                    digest: name,
+                    limit,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status == reqwest::StatusCode::OK {
+            return Ok(body);
+        }
+        let error = match status {
+            reqwest::StatusCode::UNAUTHORIZED => {
+                OciDistributionError::UnauthorizedError { url: url.clone() }
+            }
+            s if s.is_client_error() => {
+                match serde_json::from_slice::<oci_client::errors::OciEnvelope>(&body) {
+                    Ok(envelope) => OciDistributionError::RegistryError {
+                        envelope,
+                        url: url.clone(),
+                    },
+                    Err(_) => OciDistributionError::ServerError {
+                        code: s.as_u16(),
+                        url: url.clone(),
+                        message: String::from_utf8_lossy(&body).into_owned(),
+                    },
+                }
+            }
+            s => OciDistributionError::ServerError {
+                code: s.as_u16(),
+                url: url.clone(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            },
+        };
+        Err(classify(error, host, &name))
     }
 }
+
+/// How much of a registry's error answer is kept (for its message).
+const MAX_ERROR_BODY: u64 = 64 << 10;
 
 impl RemoteImage {
     /// The endpoint that served the manifest (layers come from it too).
