@@ -592,16 +592,10 @@ impl Puller {
         if !response.status().is_success() {
             return Err(unauthorized());
         }
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_TOKEN_RESPONSE as u64)
-        {
-            return Err(unauthorized());
-        }
-        let body = response.bytes().await.map_err(failed)?;
-        if body.len() > MAX_TOKEN_RESPONSE {
-            return Err(unauthorized());
-        }
+        let body = read_bounded(response, MAX_TOKEN_RESPONSE as u64)
+            .await
+            .map_err(failed)?
+            .ok_or_else(unauthorized)?;
         #[derive(Deserialize)]
         struct TokenResponse {
             access_token: Option<String>,
@@ -691,34 +685,24 @@ impl Puller {
         };
         let mut response = request.send().await.map_err(failed)?;
         let status = response.status();
-        let limit = if status.is_success() {
-            manifest::MAX_MANIFEST_BYTES
-        } else {
-            MAX_ERROR_BODY
-        };
-        if response.content_length().is_some_and(|n| n > limit) && status.is_success() {
-            return Err(PullError::TooLarge {
-                what: "manifest",
-                digest: name,
-                limit,
-            });
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(failed)? {
-            if (body.len() + chunk.len()) as u64 > limit {
-                if !status.is_success() {
-                    break;
-                }
-                return Err(PullError::TooLarge {
+        if status == reqwest::StatusCode::OK {
+            let limit = manifest::MAX_MANIFEST_BYTES;
+            return read_bounded(response, limit).await.map_err(failed)?.ok_or(
+                PullError::TooLarge {
                     what: "manifest",
                     digest: name,
                     limit,
-                });
-            }
-            body.extend_from_slice(&chunk);
+                },
+            );
         }
-        if status == reqwest::StatusCode::OK {
-            return Ok(body);
+        // An error's body only for its message: what fits.
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let room = MAX_ERROR_BODY.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if room <= chunk.len() {
+                break;
+            }
         }
         let error = match status {
             reqwest::StatusCode::UNAUTHORIZED => {
@@ -748,7 +732,26 @@ impl Puller {
 }
 
 /// How much of a registry's error answer is kept (for its message).
-const MAX_ERROR_BODY: u64 = 64 << 10;
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// A response's body, or None once it passes `limit` bytes (a declared
+/// length over it is refused before reading; a chunked body is cut there).
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
 
 impl RemoteImage {
     /// The endpoint that served the manifest (layers come from it too).
