@@ -423,9 +423,10 @@ impl Puller {
             ),
         };
         let name = reference.to_string();
+        let http = self.http_client(&host)?;
         let auth = match credentials {
             Credentials::IdentityToken(token) => {
-                self.exchange_identity_token(endpoint, &oci_ref, token, &name)
+                self.exchange_identity_token(&http, endpoint, &oci_ref, token, &name)
                     .await?
             }
             other => other.to_oci(),
@@ -436,7 +437,14 @@ impl Puller {
         };
 
         let (bytes, digest) = self
-            .fetch_manifest(&client, &oci_ref, &auth, endpoint, reference.digest())
+            .fetch_manifest(
+                &client,
+                &http,
+                &oci_ref,
+                &auth,
+                endpoint,
+                reference.digest(),
+            )
             .await?;
         let repo_digest = digest.clone();
         let (manifest_digest, manifest_bytes, manifest) =
@@ -447,7 +455,7 @@ impl Puller {
                     let want = manifest::digest_of(&desc).map_err(bad)?;
                     let by_digest = oci_ref.clone_with_digest(want.clone());
                     let (bytes, digest) = self
-                        .fetch_manifest(&client, &by_digest, &auth, endpoint, Some(&want))
+                        .fetch_manifest(&client, &http, &by_digest, &auth, endpoint, Some(&want))
                         .await?;
                     match manifest::parse(&bytes, None).map_err(bad)? {
                         Document::Manifest(m) => (digest, bytes, m),
@@ -528,19 +536,23 @@ impl Puller {
         })
     }
 
-    /// Exchanges an identity (refresh) token for an access token with the
-    /// OAuth2 flow of Docker token services: the registry's challenge names
-    /// the realm, which gets `grant_type=refresh_token` by POST.
-    async fn exchange_identity_token(
-        &self,
-        endpoint: &Endpoint,
-        oci_ref: &oci_client::Reference,
-        token: &str,
-        name: &str,
-    ) -> Result<RegistryAuth, PullError> {
-        let timeout = self.config.request_timeout();
-        let host = oci_ref.resolve_registry().to_string();
-        let failed = |e: reqwest::Error| {
+    /// The HTTP client for what vmpod asks a registry itself (the
+    /// identity-token exchange, manifest GETs), with the configured connect
+    /// and request timeouts; one per pull.
+    fn http_client(&self, host: &str) -> Result<reqwest::Client, PullError> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs.max(1)))
+            .timeout(self.config.request_timeout())
+            .user_agent(concat!("vmpod/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(self.http_error(host))
+    }
+
+    /// A failed request to `host`: past the request timeout, Timeout;
+    /// otherwise a registry error.
+    fn http_error(&self, host: &str) -> impl Fn(reqwest::Error) -> PullError + use<> {
+        let (host, timeout) = (host.to_string(), self.config.request_timeout());
+        move |e| {
             if e.is_timeout() {
                 PullError::Timeout {
                     endpoint: host.clone(),
@@ -552,19 +564,28 @@ impl Puller {
                     source: OciDistributionError::RequestError(e),
                 }
             }
-        };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs.max(1)))
-            .timeout(timeout)
-            .user_agent(concat!("vmpod/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(failed)?;
+        }
+    }
+
+    /// Exchanges an identity (refresh) token for an access token with the
+    /// OAuth2 flow of Docker token services: the registry's challenge names
+    /// the realm, which gets `grant_type=refresh_token` by POST.
+    async fn exchange_identity_token(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &Endpoint,
+        oci_ref: &oci_client::Reference,
+        token: &str,
+        name: &str,
+    ) -> Result<RegistryAuth, PullError> {
+        let host = oci_ref.resolve_registry().to_string();
+        let failed = self.http_error(&host);
         let scheme = if endpoint.plain_http { "http" } else { "https" };
         let ping = http
             .get(format!("{scheme}://{host}/v2/"))
             .send()
             .await
-            .map_err(failed)?;
+            .map_err(&failed)?;
         if ping.status() != reqwest::StatusCode::UNAUTHORIZED {
             // The registry does not ask for credentials.
             return Ok(RegistryAuth::Anonymous);
@@ -588,13 +609,13 @@ impl Puller {
             ])
             .send()
             .await
-            .map_err(failed)?;
+            .map_err(&failed)?;
         if !response.status().is_success() {
             return Err(unauthorized());
         }
         let body = read_bounded(response, MAX_TOKEN_RESPONSE as u64)
             .await
-            .map_err(failed)?
+            .map_err(&failed)?
             .ok_or_else(unauthorized)?;
         #[derive(Deserialize)]
         struct TokenResponse {
@@ -617,6 +638,7 @@ impl Puller {
     async fn fetch_manifest(
         &self,
         client: &oci_client::Client,
+        http: &reqwest::Client,
         oci_ref: &oci_client::Reference,
         auth: &RegistryAuth,
         endpoint: &Endpoint,
@@ -626,7 +648,7 @@ impl Puller {
         let host = endpoint.host.as_str();
         let bytes = tokio::time::timeout(
             timeout,
-            self.get_manifest_bounded(client, oci_ref, auth, endpoint),
+            self.get_manifest_bounded(client, http, oci_ref, auth, endpoint),
         )
         .await
         .map_err(|_| PullError::Timeout {
@@ -650,6 +672,7 @@ impl Puller {
     async fn get_manifest_bounded(
         &self,
         client: &oci_client::Client,
+        http: &reqwest::Client,
         oci_ref: &oci_client::Reference,
         auth: &RegistryAuth,
         endpoint: &Endpoint,
@@ -666,15 +689,7 @@ impl Puller {
             oci_ref.repository(),
             oci_ref.digest().or(oci_ref.tag()).unwrap_or("latest")
         );
-        let failed = |e: reqwest::Error| PullError::Registry {
-            endpoint: host.to_string(),
-            source: OciDistributionError::RequestError(e),
-        };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(self.config.connect_timeout_secs.max(1)))
-            .user_agent(concat!("vmpod/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(failed)?;
+        let failed = self.http_error(host);
         let mut request = http
             .get(&url)
             .header(reqwest::header::ACCEPT, manifest::ACCEPTED.join(", "));
@@ -683,11 +698,11 @@ impl Puller {
             (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
             _ => request,
         };
-        let mut response = request.send().await.map_err(failed)?;
+        let mut response = request.send().await.map_err(&failed)?;
         let status = response.status();
         if status == reqwest::StatusCode::OK {
             let limit = manifest::MAX_MANIFEST_BYTES;
-            return read_bounded(response, limit).await.map_err(failed)?.ok_or(
+            return read_bounded(response, limit).await.map_err(&failed)?.ok_or(
                 PullError::TooLarge {
                     what: "manifest",
                     digest: name,
