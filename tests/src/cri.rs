@@ -593,6 +593,13 @@ pub async fn create(cri: &mut Cri, pod: &str, config: ContainerConfig) -> String
     .container_id
 }
 
+/// CreateContainer, then StartContainer; the container's ID.
+pub async fn run_container(cri: &mut Cri, pod: &str, config: ContainerConfig) -> String {
+    let id = create(cri, pod, config).await;
+    start(cri, &id).await;
+    id
+}
+
 pub async fn start(cri: &mut Cri, id: &str) {
     cri.start_container(StartContainerRequest {
         container_id: id.into(),

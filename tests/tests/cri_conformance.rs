@@ -179,8 +179,7 @@ async fn exec_is_confined_like_the_container(b: Backend) {
             });
         },
     );
-    let ident = create(&mut cri, &pod, ident).await;
-    start(&mut cri, &ident).await;
+    let ident = run_container(&mut cri, &pod, ident).await;
     let log = d.log_root().join("confined/ident/0.log");
     let deadline = Instant::now() + Duration::from_secs(60);
     let main_facts: Vec<String> = loop {
@@ -238,8 +237,7 @@ async fn exec_is_confined_like_the_container(b: Backend) {
             localhost_ref: profile.display().to_string(),
         });
     });
-    let blocked = create(&mut cri, &pod, blocked).await;
-    start(&mut cri, &blocked).await;
+    let blocked = run_container(&mut cri, &pod, blocked).await;
     for cmd in ["hostname vmpod-escaped", "mkdir /tmp/d", "chmod 700 /tmp"] {
         let r = exec(&mut cri, &blocked, &["sh", "-c", cmd], 30)
             .await
@@ -288,20 +286,19 @@ async fn log_files_exist_at_start_and_follow_reopen(b: Backend) {
         ..Default::default()
     });
     let pod = run_pod(&mut cri, config).await;
-    let late = create(
+    let late = run_container(
         &mut cri,
         &pod,
         container_config("late", &["sh", "-c", "sleep 3; echo late"], &[]),
     )
     .await;
-    start(&mut cri, &late).await;
     let late_log = d.log_root().join("logs/late/0.log");
     assert!(late_log.is_file(), "no log file right after StartContainer");
     wait_exited(&mut cri, &late).await;
     let lines = log_lines(&late_log, 1).await;
     assert!(lines[0].ends_with(" stdout F late"), "{lines:?}");
 
-    let ticker = create(
+    let ticker = run_container(
         &mut cri,
         &pod,
         container_config(
@@ -315,7 +312,6 @@ async fn log_files_exist_at_start_and_follow_reopen(b: Backend) {
         ),
     )
     .await;
-    start(&mut cri, &ticker).await;
     let log = d.log_root().join("logs/ticker/0.log");
     let reopen = |cri: &mut Cri| {
         let mut cri = cri.clone();
@@ -384,15 +380,13 @@ async fn privileged_pods_are_privileged_inside_their_sandbox(b: Backend) {
     let privileged = with_security(container_config("root", &["sleep", "1000"], &[]), |sc| {
         sc.privileged = true
     });
-    let privileged = create(&mut cri, &pod, privileged).await;
-    start(&mut cri, &privileged).await;
-    let plain = create(
+    let privileged = run_container(&mut cri, &pod, privileged).await;
+    let plain = run_container(
         &mut cri,
         &pod,
         container_config("plain", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &plain).await;
 
     let caps = |r: &ExecSyncResponse| -> (String, String, String) {
         let out = stdout(r);
@@ -537,7 +531,7 @@ async fn mount_propagation_and_read_only_submounts(b: Backend) {
         let name = propagation.as_str_name().to_lowercase().replace('_', "-");
         // Made after the pod started, as critest does.
         let host = HostMount::new(&base, &name, host_flags);
-        let c = create(
+        let c = run_container(
             &mut cri,
             &pod,
             mount_container(&name, &host.source, &host.source, false, propagation),
@@ -646,7 +640,6 @@ async fn mount_propagation_and_read_only_submounts(b: Backend) {
         ),
     )
     .await;
-    start(&mut cri, &c).await;
     assert_ne!(sh(&mut cri, &c, "touch /mnt/file").await.exit_code, 0);
     if b == Backend::Host {
         let r = sh(&mut cri, &c, "touch /mnt/tmpfs/file").await;
@@ -665,13 +658,12 @@ async fn exec_probes_leave_nothing_behind(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "probed", &[])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config("app", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     // Host pods: the agent's state is on the node's disk.
     let exec_dir = d
         .state_dir()
@@ -849,13 +841,12 @@ async fn run_pod_sandbox_cancelled_at_its_deadline_leaves_nothing_half_made(b: B
     assert_no_leaks(&d, &[]);
     // The kubelet's retry then makes the pod, and it works.
     let pod = run_pod(&mut cri, pod_config(&d, "late", &[])).await;
-    let c = create(
+    run_container(
         &mut cri,
         &pod,
         container_config("works", &["sleep", "100"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     stop_remove_pod(&mut cri, &pod).await;
     assert_no_leaks(&d, &[pod]);
 }

@@ -64,8 +64,7 @@ async fn pulled_images_run_in_pods_through_the_cri_socket() {
     let pod = run_pod(&mut cri, pod_config(&d, "pulled", &[])).await;
     let mut config = container_config("c", &["sh", "-c"], &["echo from-the-registry"]);
     config.image = spec();
-    let id = create(&mut cri, &pod, config).await;
-    start(&mut cri, &id).await;
+    let id = run_container(&mut cri, &pod, config).await;
     let st = wait_exited(&mut cri, &id).await;
     assert_eq!(st.exit_code, 0, "{st:?}");
     assert_eq!(

@@ -35,13 +35,12 @@ async fn a_hung_sandbox_does_not_stall_the_nodes_stats(b: Backend) {
     let hung = run_pod(&mut cri, pod_config(&d, "hung", &[])).await;
     let mut containers = Vec::new();
     for pod in [&healthy, &hung] {
-        let c = create(
+        let c = run_container(
             &mut cri,
             pod,
             container_config("c", &["sleep", "1000"], &[]),
         )
         .await;
-        start(&mut cri, &c).await;
         containers.push(c);
     }
     let pid = sandbox_pid(&mut cri, &hung).await;

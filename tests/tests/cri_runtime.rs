@@ -94,10 +94,7 @@ async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
     }
 
     // The image's cmd is `sh`; the request's command replaces it.
-    let c = create(
-        &mut cri,
-        &pod,
-        container_config(
+    let c = run_container(&mut cri, &pod, container_config(
             "main",
             &["sh", "-c"],
             &["trap '' TERM; echo hello; echo oops >&2; hostname; cat /etc/resolv.conf; while :; do sleep 1; done"],
@@ -778,7 +775,6 @@ async fn host_network_only_where_allowed(b: Backend) {
         container_config("n", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     let r = exec(&mut cri, &c, &["readlink", "/proc/self/ns/net"], 10)
         .await
         .expect("exec");
@@ -795,20 +791,18 @@ async fn restart_readopts_running_pods(b: Backend) {
     let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "survivor", &[("keep", "yes")])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config("s", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
-    let done = create(
+    let done = run_container(
         &mut cri,
         &pod,
         container_config("d", &["sh", "-c", "exit 4"], &[]),
     )
     .await;
-    start(&mut cri, &done).await;
     wait_exited(&mut cri, &done).await;
 
     d.kill9_and_restart();
@@ -855,7 +849,7 @@ async fn long_lines_are_split_into_partial_records(b: Backend) {
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "long", &[])).await;
     // 40000 'a's then a newline: P (16384) + P (16384) + F (7232).
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config(
@@ -865,7 +859,6 @@ async fn long_lines_are_split_into_partial_records(b: Backend) {
         ),
     )
     .await;
-    start(&mut cri, &c).await;
     wait_exited(&mut cri, &c).await;
     let lines = log_lines(&d.log_root().join("long/l/0.log"), 3).await;
     let parsed: Vec<(&str, usize)> = lines
@@ -892,13 +885,12 @@ async fn twenty_pods_at_once(b: Backend) {
         let config = pod_config(&d, &format!("many{i}"), &[]);
         tasks.push(tokio::spawn(async move {
             let pod = run_pod(&mut cri, config).await;
-            let c = create(
+            let c = run_container(
                 &mut cri,
                 &pod,
                 container_config("c", &["sleep", "1000"], &[]),
             )
             .await;
-            start(&mut cri, &c).await;
             let r = exec(&mut cri, &c, &["hostname"], 30).await.expect("exec");
             (pod, String::from_utf8_lossy(&r.stdout).trim().to_string())
         }));
@@ -951,8 +943,7 @@ async fn create_remove_cycles_leak_nothing(b: Backend) {
         let config = pod_config(&d, &format!("cycle{i}"), &[]);
         async move {
             let pod = run_pod(&mut cri, config).await;
-            let c = create(&mut cri, &pod, container_config("c", &["echo", "x"], &[])).await;
-            start(&mut cri, &c).await;
+            let c = run_container(&mut cri, &pod, container_config("c", &["echo", "x"], &[])).await;
             wait_exited(&mut cri, &c).await;
             cri.remove_container(RemoveContainerRequest { container_id: c })
                 .await
@@ -989,13 +980,12 @@ async fn graceful_shutdown_leaves_pods_running(b: Backend) {
     let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "calm", &[])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config("c", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     d.terminate_and_restart();
     let mut cri = d.client().await;
     let r = exec(&mut cri, &c, &["echo", "alive"], 10)
@@ -1037,13 +1027,12 @@ async fn a_dead_sandbox_makes_the_pod_notready_and_stop_cleans_up(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "doomed", &[])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config("c", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     let info = cri
         .pod_sandbox_status(PodSandboxStatusRequest {
             pod_sandbox_id: pod.clone(),
@@ -1114,7 +1103,7 @@ async fn a_chatty_container_survives_a_restart_and_keeps_logging(b: Backend) {
     let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "chatty", &[])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config(
@@ -1128,7 +1117,6 @@ async fn a_chatty_container_survives_a_restart_and_keeps_logging(b: Backend) {
         ),
     )
     .await;
-    start(&mut cri, &c).await;
     let log = d.log_root().join("chatty/c/0.log");
     log_lines(&log, 2).await;
     d.kill9_and_restart();
@@ -1203,8 +1191,7 @@ async fn security_contexts_are_honoured_or_refused(b: Backend) {
             ..Default::default()
         });
     });
-    let caps = create(&mut cri, &pod, caps).await;
-    start(&mut cri, &caps).await;
+    let caps = run_container(&mut cri, &pod, caps).await;
     let r = exec(
         &mut cri,
         &caps,
@@ -1227,8 +1214,7 @@ async fn security_contexts_are_honoured_or_refused(b: Backend) {
             ..Default::default()
         });
     });
-    let peek = create(&mut cri, &pod, peek).await;
-    start(&mut cri, &peek).await;
+    let peek = run_container(&mut cri, &pod, peek).await;
     let r = exec(
         &mut cri,
         &peek,
@@ -1282,8 +1268,7 @@ async fn security_contexts_are_honoured_or_refused(b: Backend) {
             })
         },
     );
-    let confined = create(&mut cri, &pod, confined).await;
-    start(&mut cri, &confined).await;
+    let confined = run_container(&mut cri, &pod, confined).await;
     wait_exited(&mut cri, &confined).await;
     let lines = log_lines(&d.log_root().join("secure/confined/0.log"), 2).await;
     assert!(
@@ -1295,8 +1280,7 @@ async fn security_contexts_are_honoured_or_refused(b: Backend) {
     let mut tty = container_config("tty", &["sh", "-c", "tty; echo on-a-tty"], &[]);
     tty.tty = true;
     tty.stdin = true;
-    let tty = create(&mut cri, &pod, tty).await;
-    start(&mut cri, &tty).await;
+    let tty = run_container(&mut cri, &pod, tty).await;
     wait_exited(&mut cri, &tty).await;
     let lines = log_lines(&d.log_root().join("secure/tty/0.log"), 2).await;
     assert!(
@@ -1373,8 +1357,7 @@ async fn host_pid_and_ipc_where_allowed(b: Backend) {
             ..Default::default()
         });
     });
-    let c = create(&mut cri, &pod, c).await;
-    start(&mut cri, &c).await;
+    let c = run_container(&mut cri, &pod, c).await;
     let r = exec(
         &mut cri,
         &c,
@@ -1433,13 +1416,12 @@ async fn the_kubelets_cgroup_parent_holds_the_pod(b: Backend) {
         ..Default::default()
     });
     let pod = run_pod(&mut cri, config).await;
-    let c = create(
+    run_container(
         &mut cri,
         &pod,
         container_config("c", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     let cgroup = std::path::Path::new("/sys/fs/cgroup/memory")
         .join(parent.trim_start_matches('/'))
         .join(&pod);
@@ -1572,7 +1554,7 @@ async fn a_killed_log_pump_is_replaced_and_the_log_goes_on(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "pumped", &[])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config(
@@ -1586,7 +1568,6 @@ async fn a_killed_log_pump_is_replaced_and_the_log_goes_on(b: Backend) {
         ),
     )
     .await;
-    start(&mut cri, &c).await;
     let log = d.log_root().join("pumped/chatty/0.log");
     log_lines(&log, 5).await;
     let old = log_pump_of(&d, &pod, &c).expect("a log pump");
@@ -1663,13 +1644,12 @@ async fn writable_layers_live_on_disk(b: Backend) {
     let mut cri = d.client().await;
     let images = d.image_client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "layers", &[])).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config("writer", &["sleep", "3600"], &[]),
     )
     .await;
-    start(&mut cri, &c).await;
     let file = d
         .state_dir()
         .join("sandboxes")
@@ -1749,13 +1729,12 @@ async fn writable_layers_live_on_disk(b: Backend) {
         .expect("RunPodSandbox small")
         .into_inner()
         .pod_sandbox_id;
-    let s = create(
+    let s = run_container(
         &mut cri,
         &small_pod,
         container_config("writer", &["sleep", "3600"], &[]),
     )
     .await;
-    start(&mut cri, &s).await;
     let r = exec(
         &mut cri,
         &s,
@@ -1810,21 +1789,8 @@ async fn after_an_upgrade_new_pumps_run_the_new_binary() {
             .ino();
         (link, ino)
     };
-    let started = |name: &'static str| {
-        let mut cri = cri.clone();
-        let pod = pod.clone();
-        async move {
-            let c = create(
-                &mut cri,
-                &pod,
-                container_config(name, &["sleep", "3600"], &[]),
-            )
-            .await;
-            start(&mut cri, &c).await;
-            c
-        }
-    };
-    let before = started("before").await;
+    let sleeping = |name| container_config(name, &["sleep", "3600"], &[]);
+    let before = run_container(&mut cri, &pod, sleeping("before")).await;
     let (link, ino) = exe_of(log_pump_of(&d, &pod, &before).expect("a pump"));
     assert_eq!(link, d.binary());
     assert_eq!(ino, std::fs::metadata(d.binary()).unwrap().ino());
@@ -1841,7 +1807,7 @@ async fn after_an_upgrade_new_pumps_run_the_new_binary() {
         daemon_exe.display()
     );
 
-    let after = started("after").await;
+    let after = run_container(&mut cri, &pod, sleeping("after")).await;
     let (link, ino) = exe_of(log_pump_of(&d, &pod, &after).expect("a pump"));
     assert_eq!(link, d.binary(), "the new pump runs a deleted image");
     assert_eq!(ino, new_ino);

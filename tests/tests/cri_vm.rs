@@ -96,7 +96,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
         st.info
     );
 
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config(
@@ -106,7 +106,6 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
         ),
     )
     .await;
-    start(&mut cri, &c).await;
     let log = d.log_root().join("vmweb/main/0.log");
     let lines = log_lines(&log, 4).await;
     let msgs: Vec<(&str, &str)> = lines
@@ -157,8 +156,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
         mount(&hosts, "/etc/hosts", false),
         mount(&termination, "/dev/termination-log", false),
     ];
-    let v = create(&mut cri, &pod, vol.clone()).await;
-    start(&mut cri, &v).await;
+    let v = run_container(&mut cri, &pod, vol.clone()).await;
     let (code_, _, err) = sh(&mut cri, &v, "echo from-the-guest > /data/written").await;
     assert_eq!(code_, 0, "{err}");
     assert_eq!(
@@ -294,8 +292,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
     assert!(!sandbox_dir.join("mounts").join(&v).exists());
     // The same volumes again in a new container of the running pod.
     vol.metadata.as_mut().unwrap().attempt = 1;
-    let v2 = create(&mut cri, &pod, vol).await;
-    start(&mut cri, &v2).await;
+    let v2 = run_container(&mut cri, &pod, vol).await;
     assert_eq!(
         sh(&mut cri, &v2, "cat /data/written /ro/kept").await.1,
         "from-the-guest\nread-only data\n"
@@ -312,13 +309,12 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
     let s = wait_exited(&mut cri, &c).await;
     assert_eq!(s.exit_code, 143, "{s:?}");
     // A new container in the same VM after the first one exited.
-    let c2 = create(
+    let c2 = run_container(
         &mut cri,
         &pod,
         container_config("second", &["sleep", "1000"], &[]),
     )
     .await;
-    start(&mut cri, &c2).await;
     let r = exec(&mut cri, &c2, &["true"], 30)
         .await
         .expect("exec in c2");
