@@ -286,19 +286,20 @@ async fn log_files_exist_at_start_and_follow_reopen(b: Backend) {
         ..Default::default()
     });
     let pod = run_pod(&mut cri, config).await;
-    let late = run_container(
+    let late = create(
         &mut cri,
         &pod,
         container_config("late", &["sh", "-c", "sleep 3; echo late"], &[]),
     )
     .await;
+    start(&mut cri, &late).await;
     let late_log = d.log_root().join("logs/late/0.log");
     assert!(late_log.is_file(), "no log file right after StartContainer");
     wait_exited(&mut cri, &late).await;
     let lines = log_lines(&late_log, 1).await;
     assert!(lines[0].ends_with(" stdout F late"), "{lines:?}");
 
-    let ticker = run_container(
+    let ticker = create(
         &mut cri,
         &pod,
         container_config(
@@ -312,6 +313,7 @@ async fn log_files_exist_at_start_and_follow_reopen(b: Backend) {
         ),
     )
     .await;
+    start(&mut cri, &ticker).await;
     let log = d.log_root().join("logs/ticker/0.log");
     let reopen = |cri: &mut Cri| {
         let mut cri = cri.clone();
@@ -531,7 +533,7 @@ async fn mount_propagation_and_read_only_submounts(b: Backend) {
         let name = propagation.as_str_name().to_lowercase().replace('_', "-");
         // Made after the pod started, as critest does.
         let host = HostMount::new(&base, &name, host_flags);
-        let c = run_container(
+        let c = create(
             &mut cri,
             &pod,
             mount_container(&name, &host.source, &host.source, false, propagation),
@@ -628,7 +630,7 @@ async fn mount_propagation_and_read_only_submounts(b: Backend) {
     let ro = HostMount::new(&base, "read-only", libc::MS_PRIVATE);
     std::fs::create_dir_all(ro.source.join("tmpfs")).expect("tmpfs dir");
     mount(Path::new("tmpfs"), &ro.source.join("tmpfs"), 0);
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         mount_container(

@@ -94,7 +94,10 @@ async fn pod_and_container_lifecycle_with_logs_and_exec(b: Backend) {
     }
 
     // The image's cmd is `sh`; the request's command replaces it.
-    let c = run_container(&mut cri, &pod, container_config(
+    let c = create(
+        &mut cri,
+        &pod,
+        container_config(
             "main",
             &["sh", "-c"],
             &["trap '' TERM; echo hello; echo oops >&2; hostname; cat /etc/resolv.conf; while :; do sleep 1; done"],
@@ -338,8 +341,7 @@ async fn exit_codes_reasons_oom_and_containers_after_exit(b: Backend) {
         }),
         ..Default::default()
     });
-    let hog = create(&mut cri, &pod, hog).await;
-    start(&mut cri, &hog).await;
+    let hog = run_container(&mut cri, &pod, hog).await;
     let s = wait_exited(&mut cri, &hog).await;
     assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"));
 
@@ -769,7 +771,7 @@ async fn host_network_only_where_allowed(b: Backend) {
         return assert_refused_on_vm(&d, &mut cri, config).await;
     }
     let pod = run_pod(&mut cri, config).await;
-    let c = create(
+    let c = run_container(
         &mut cri,
         &pod,
         container_config("n", &["sleep", "1000"], &[]),
@@ -849,7 +851,7 @@ async fn long_lines_are_split_into_partial_records(b: Backend) {
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "long", &[])).await;
     // 40000 'a's then a newline: P (16384) + P (16384) + F (7232).
-    let c = run_container(
+    let c = create(
         &mut cri,
         &pod,
         container_config(
@@ -859,6 +861,7 @@ async fn long_lines_are_split_into_partial_records(b: Backend) {
         ),
     )
     .await;
+    start(&mut cri, &c).await;
     wait_exited(&mut cri, &c).await;
     let lines = log_lines(&d.log_root().join("long/l/0.log"), 3).await;
     let parsed: Vec<(&str, usize)> = lines
@@ -1103,7 +1106,7 @@ async fn a_chatty_container_survives_a_restart_and_keeps_logging(b: Backend) {
     let mut d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "chatty", &[])).await;
-    let c = run_container(
+    let c = create(
         &mut cri,
         &pod,
         container_config(
@@ -1117,6 +1120,7 @@ async fn a_chatty_container_survives_a_restart_and_keeps_logging(b: Backend) {
         ),
     )
     .await;
+    start(&mut cri, &c).await;
     let log = d.log_root().join("chatty/c/0.log");
     log_lines(&log, 2).await;
     d.kill9_and_restart();
@@ -1554,7 +1558,7 @@ async fn a_killed_log_pump_is_replaced_and_the_log_goes_on(b: Backend) {
     let d = Daemon::on(b, "");
     let mut cri = d.client().await;
     let pod = run_pod(&mut cri, pod_config(&d, "pumped", &[])).await;
-    let c = run_container(
+    let c = create(
         &mut cri,
         &pod,
         container_config(
@@ -1568,6 +1572,7 @@ async fn a_killed_log_pump_is_replaced_and_the_log_goes_on(b: Backend) {
         ),
     )
     .await;
+    start(&mut cri, &c).await;
     let log = d.log_root().join("pumped/chatty/0.log");
     log_lines(&log, 5).await;
     let old = log_pump_of(&d, &pod, &c).expect("a log pump");

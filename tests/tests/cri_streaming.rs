@@ -385,7 +385,7 @@ async fn crictl_attach_stdin_once_and_concurrent_detach(b: Backend) {
 
     // Two attaches at once to a chatty container; detaching (the client
     // going away) leaves it running.
-    let ticker = run_container(
+    let ticker = create(
         &mut cri,
         &pod,
         container_config(
@@ -395,6 +395,7 @@ async fn crictl_attach_stdin_once_and_concurrent_detach(b: Backend) {
         ),
     )
     .await;
+    start(&mut cri, &ticker).await;
     let mut attached = Vec::new();
     for _ in 0..2 {
         attached.push(

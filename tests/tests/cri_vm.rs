@@ -96,7 +96,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
         st.info
     );
 
-    let c = run_container(
+    let c = create(
         &mut cri,
         &pod,
         container_config(
@@ -106,6 +106,7 @@ async fn vm_pod_lifecycle_logs_exec_volumes_late_images_and_restart() {
         ),
     )
     .await;
+    start(&mut cri, &c).await;
     let log = d.log_root().join("vmweb/main/0.log");
     let lines = log_lines(&log, 4).await;
     let msgs: Vec<(&str, &str)> = lines

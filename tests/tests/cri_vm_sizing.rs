@@ -40,7 +40,7 @@ async fn a_qemu_pod_vm_is_sized_by_the_pods_limits() {
         .unwrap_or_else(|s| panic!("RunPodSandbox: {s:?}"))
         .into_inner()
         .pod_sandbox_id;
-    let c = run_container(
+    let c = create(
         &mut cri,
         &pod,
         container_config(
@@ -50,6 +50,7 @@ async fn a_qemu_pod_vm_is_sized_by_the_pods_limits() {
         ),
     )
     .await;
+    start(&mut cri, &c).await;
     let st = wait_exited(&mut cri, &c).await;
     assert_eq!(st.exit_code, 0, "{st:?}");
     let lines = log_lines(&d.log_root().join("sized/probe/0.log"), 2).await;
