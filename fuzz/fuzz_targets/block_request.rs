@@ -3,9 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmpod::vmm::devices::virtio::block::{MAX_REQUEST_BYTES, Request};
-use vmpod::vmm::devices::virtio::chain::DescChain;
-use vmpod::vmm::devices::virtio::fuzz_support::guest_from;
+use vmpod_vmm::devices::virtio::block::{MAX_REQUEST_BYTES, Request};
+use vmpod_vmm::devices::virtio::chain::DescChain;
+use vmpod_vmm::devices::virtio::fuzz_support::guest_from;
 
 fuzz_target!(|data: &[u8]| {
     let Some((mem, table, size, head)) = guest_from(data) else {

@@ -3,10 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmpod::vmm::devices::virtio::chain::DescChain;
-use vmpod::vmm::devices::virtio::fuzz_support::guest_from;
-use vmpod::vmm::devices::virtio::vsock::muxer::parse_connect_line;
-use vmpod::vmm::devices::virtio::vsock::packet::{parse_tx, rx_capacity, write_rx};
+use vmpod_vmm::devices::virtio::chain::DescChain;
+use vmpod_vmm::devices::virtio::fuzz_support::guest_from;
+use vmpod_vmm::devices::virtio::vsock::muxer::parse_connect_line;
+use vmpod_vmm::devices::virtio::vsock::packet::{parse_tx, rx_capacity, write_rx};
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_connect_line(data);

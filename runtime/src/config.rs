@@ -181,20 +181,20 @@ pub enum Backend {
 #[serde(rename_all = "lowercase")]
 pub enum Hypervisor {
     Qemu,
-    /// vmpod's own VMM (`vmpod vmm`), one process per pod.
+    /// vmpod's own VMM (`vmpod-vmm`), one process per pod.
     #[default]
     Vmpod,
 }
 
 /// The most vCPUs any pod VM gets (the VMM's MP table and APIC IDs).
-pub const MAX_VCPUS: u32 = crate::vmm::config::MAX_VCPUS as u32;
+pub const MAX_VCPUS: u32 = vmpod_vmm::config::MAX_VCPUS as u32;
 /// Default `max_memory_mib`: 128 GiB.
 pub const DEFAULT_MAX_MEMORY_MIB: u32 = 128 << 10;
 /// The largest `max_memory_mib` accepted (the VMM's bound, 1 TiB).
-pub const MAX_MEMORY_MIB: u32 = crate::vmm::config::MAX_MEMORY_MIB;
+pub const MAX_MEMORY_MIB: u32 = vmpod_vmm::config::MAX_MEMORY_MIB;
 /// Default and largest `block_slots`.
 pub const DEFAULT_BLOCK_SLOTS: u32 = 8;
-pub const MAX_BLOCK_SLOTS: u32 = crate::vmm::config::MAX_BLOCK_SLOTS as u32;
+pub const MAX_BLOCK_SLOTS: u32 = vmpod_vmm::config::MAX_BLOCK_SLOTS as u32;
 /// Default and largest `boot_timeout_secs`.
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 120;
 pub const MAX_BOOT_TIMEOUT_SECS: u64 = 3600;

@@ -1,8 +1,10 @@
 //! vmpod: a Kubernetes container runtime (CRI v1) that runs every pod
 //! sandbox in its own microVM.
 //!
-//! This crate is the host side: the guest image tooling, the hypervisor
-//! launchers and, as they land, the daemon and the VMM.
+//! This crate is the host side: the daemon, the guest image tooling and
+//! the hypervisor launchers. The VMM is its own crate and binary
+//! (`vmpod-vmm`); the daemon links it for its configuration and control
+//! protocol only.
 
 pub mod agent_client;
 pub mod config;
@@ -17,7 +19,6 @@ pub mod process;
 pub mod run_cli;
 pub mod sandbox;
 pub mod streaming;
-pub mod vmm;
 
 /// An error with its whole source chain on one line (`outer: cause: root`),
 /// for messages that cross a process boundary (gRPC status, control-socket
@@ -45,4 +46,14 @@ pub fn self_exe() -> std::io::Result<std::path::PathBuf> {
     }
     let exe = std::env::current_exe()?;
     Ok(SELF_EXE.get_or_init(|| exe).clone())
+}
+
+/// The VMM binary (`vmpod-vmm`) pods of the `vmpod` hypervisor run: the
+/// one installed beside this `vmpod` binary, else the packaged path.
+pub fn vmm_binary() -> std::path::PathBuf {
+    self_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("vmpod-vmm")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| std::path::PathBuf::from("/usr/lib/vmpod/vmpod-vmm"))
 }

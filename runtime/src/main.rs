@@ -52,14 +52,6 @@ enum Command {
         #[arg(long)]
         console: bool,
     },
-    /// Run one microVM with vmpod's own VMM. Exit status: 0 when the guest
-    /// reset or powered off, 2 when it crashed, 3 when a graceful shutdown
-    /// timed out, 1 on VMM errors.
-    Vmm {
-        /// The VM's JSON configuration (see `vmpod::vmm::config`).
-        #[arg(long)]
-        config: PathBuf,
-    },
     /// Pull, list, remove and import images (the store the daemon uses).
     Image {
         /// The daemon's state dir.
@@ -171,7 +163,6 @@ fn parse_agent_addr(s: &str) -> anyhow::Result<vmpod::agent_client::AgentAddr> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -183,12 +174,6 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Vmm { config } => {
-            let cfg = vmpod::vmm::config::VmmConfig::from_file(&config)?;
-            let reason = vmpod::vmm::run_with_devices(&cfg, started).context("running the VM")?;
-            eprintln!("vmpod vmm: {reason}");
-            std::process::exit(reason.exit_code());
-        }
         Command::Run {
             image,
             command,

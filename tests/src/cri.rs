@@ -28,7 +28,8 @@ pub const BUSYBOX: &str = "localhost/vmpod/busybox:latest";
 pub type Cri = RuntimeServiceClient<Channel>;
 
 /// `target/debug/vmpod`, built from this tree once per test process so a
-/// stale binary is never tested.
+/// stale binary is never tested; `vmpod-vmm` (the VMM the daemon runs from
+/// beside itself) is built with it.
 pub fn vmpod_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -37,11 +38,21 @@ pub fn vmpod_binary() -> PathBuf {
             let status = Command::new(cargo)
                 .current_dir(workspace_root())
                 .args([
-                    "build", "--quiet", "--locked", "-p", "vmpod", "--bin", "vmpod",
+                    "build",
+                    "--quiet",
+                    "--locked",
+                    "-p",
+                    "vmpod",
+                    "--bin",
+                    "vmpod",
+                    "-p",
+                    "vmpod-vmm",
+                    "--bin",
+                    "vmpod-vmm",
                 ])
                 .status()
-                .expect("running cargo build -p vmpod");
-            assert!(status.success(), "cargo build -p vmpod failed");
+                .expect("running cargo build -p vmpod -p vmpod-vmm");
+            assert!(status.success(), "cargo build -p vmpod -p vmpod-vmm failed");
             let bin = crate::target_dir().join("debug/vmpod");
             assert!(
                 bin.is_file(),
@@ -51,6 +62,11 @@ pub fn vmpod_binary() -> PathBuf {
             bin
         })
         .clone()
+}
+
+/// `target/debug/vmpod-vmm`, built by [`vmpod_binary`].
+pub fn vmm_binary() -> PathBuf {
+    vmpod_binary().with_file_name("vmpod-vmm")
 }
 
 /// A running daemon and its temp dir.
@@ -187,6 +203,7 @@ impl Daemon {
         std::fs::create_dir_all(&bin).expect("the binary's dir");
         let copy = bin.join("vmpod");
         std::fs::copy(vmpod_binary(), &copy).expect("copying vmpod");
+        std::fs::copy(vmm_binary(), bin.join("vmpod-vmm")).expect("copying vmpod-vmm");
         // The daemon started from the build has no pods yet: replaced.
         if let Some(mut c) = d.child.take() {
             let _ = c.kill();

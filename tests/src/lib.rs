@@ -159,9 +159,9 @@ pub mod vmm {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    use vmpod::vmm::VmExitReason;
-    use vmpod::vmm::config::{SerialConfig, VmmConfig};
-    use vmpod::vmm::control::request;
+    use vmpod_vmm::VmExitReason;
+    use vmpod_vmm::config::{SerialConfig, VmmConfig};
+    use vmpod_vmm::control::request;
 
     /// How long any test VM may run.
     pub const VM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -192,7 +192,7 @@ pub mod vmm {
     }
 
     /// Runs the VM with the virtio devices its config asks for (what
-    /// `vmpod vmm` runs) on a thread; the receiver yields its end.
+    /// `vmpod-vmm` runs) on a thread; the receiver yields its end.
     pub fn start_with_devices(cfg: VmmConfig) -> mpsc::Receiver<Result<VmExitReason, String>> {
         spawn(cfg, true)
     }
@@ -201,9 +201,9 @@ pub mod vmm {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let r = if devices {
-                vmpod::vmm::run_with_devices(&cfg, Instant::now())
+                vmpod_vmm::run_with_devices(&cfg, Instant::now())
             } else {
-                vmpod::vmm::run(&cfg, Instant::now(), None)
+                vmpod_vmm::run(&cfg, Instant::now(), None)
             };
             let r = r.map_err(|e| {
                 let mut msg = e.to_string();
@@ -280,8 +280,8 @@ pub mod device_scenario {
     use std::path::Path;
     use std::time::Duration;
 
-    use vmpod::vmm::VmExitReason;
-    use vmpod::vmm::config::{BlockSlotConfig, VsockConfig};
+    use vmpod_vmm::VmExitReason;
+    use vmpod_vmm::config::{BlockSlotConfig, VsockConfig};
 
     use super::vmm::{config, ctl, read, start_with_devices, wait_end, wait_serial};
     use super::{build_freestanding_guest, require_kvm};

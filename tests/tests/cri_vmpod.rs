@@ -1,5 +1,5 @@
 //! The CRI server's `vmpod` hypervisor on the real /dev/kvm: `vmpod serve`
-//! runs each pod VM on our own VMM (`vmpod vmm --config <sandbox dir>/vmm.json`).
+//! runs each pod VM on our own VMM (`vmpod-vmm --config <sandbox dir>/vmm.json`).
 //!
 //! What this machine allows: its KVM is PVM, which runs a stock Linux guest
 //! only through KVM's instruction emulator. The guest-image kernel boots
@@ -28,9 +28,10 @@ use vmpod::config::{Backend, Handler, Hypervisor};
 use vmpod::process::{self as host_sandbox, Proc};
 use vmpod::sandbox::vm::CONSOLE_LOG;
 use vmpod::sandbox::vmm::{self as vmm_sandbox, VmmError};
-use vmpod::vmm::config::{VmmConfig, block_slot_serial};
 use vmpod_tests::cri::*;
 use vmpod_tests::{artefact, build_freestanding_guest, kvm_is_pvm, require_kvm};
+use vmpod_vmm::config::{VmmConfig, block_slot_serial};
+use vmpod_vmm::control::{CallError, ControlRequest};
 
 /// How long a test waits for something a booting VM writes.
 const WAIT: Duration = Duration::from_secs(60);
@@ -129,7 +130,7 @@ async fn linux_pod_on_the_vmpod_hypervisor() {
     })
     .await;
     assert_eq!(vmm_procs.len(), 1, "{vmm_procs:?}");
-    assert!(vmm_procs[0].contains(" vmm --config "), "{vmm_procs:?}");
+    assert!(vmm_procs[0].contains("vmpod-vmm --config "), "{vmm_procs:?}");
 
     // The VMM runs our kernel: its banner, the pod-sized memory map (320 MiB
     // of RAM end at 0x13ffffff), the VMM's rng, vsock and 4 block slots.
@@ -375,7 +376,7 @@ async fn start_vmm(root: &Path, name: &str, elf: &Path, guest_mode: &str) -> Tes
     let mut cfg = vmm_sandbox::vmm_config(&dir, &sockets, &h).expect("the VMM config");
     cfg.cmdline.push(' ');
     cfg.cmdline.push_str(guest_mode);
-    let pid = vmm_sandbox::spawn_vmm_with(&vmpod_binary(), &dir, &cfg).expect("spawning the VMM");
+    let pid = vmm_sandbox::spawn_vmm_with(&vmm_binary(), &dir, &cfg).expect("spawning the VMM");
     let socket = sockets.join(vmm_sandbox::CONTROL_SOCKET);
     vmm_sandbox::wait_vmm_ready(&dir, &socket, pid, Duration::from_secs(30))
         .await
@@ -391,18 +392,13 @@ async fn start_vmm(root: &Path, name: &str, elf: &Path, guest_mode: &str) -> Tes
 }
 
 fn backing_changes(vmm: &TestVmm, slot: usize) -> u64 {
-    let m = vmm_sandbox::control(
-        &vmm.socket,
-        "metrics",
-        &serde_json::json!({"op": "metrics"}),
-    )
-    .expect("metrics");
+    let m = vmm_sandbox::control(&vmm.socket, &ControlRequest::Metrics).expect("metrics");
     m["devices"][format!("block{slot}")]["block_backing_changes"]
         .as_u64()
         .unwrap_or_else(|| panic!("no block{slot} counters in {m}"))
 }
 
-/// The daemon's side of hot-plug and shutdown against a real `vmpod vmm`
+/// The daemon's side of hot-plug and shutdown against a real `vmpod-vmm`
 /// running the freestanding guest: slots allocated and attached the way
 /// CreateContainer does it, refusals, detach, then the three ways a VMM ends
 /// (the guest reboots on Ctrl-Alt-Del; the VMM stops itself at the deadline;
@@ -421,8 +417,11 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     let attach = |slot: usize, path: &Path| {
         vmm_sandbox::control(
             &vmm.socket,
-            "block_attach",
-            &serde_json::json!({"op": "block_attach", "slot": slot, "path": path, "read_only": true}),
+            &ControlRequest::BlockAttach {
+                slot,
+                path: path.to_path_buf(),
+                read_only: true,
+            },
         )
     };
     let mut disks = BTreeMap::new();
@@ -438,7 +437,7 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     // The VMM refuses what the daemon must never send, and says why.
     for (slot, path) in [(2, erofs.clone()), (0, tmp.path().join("missing.img"))] {
         match attach(slot, &path) {
-            Err(VmmError::Refused { op, message }) => {
+            Err(VmmError::Control(CallError::Refused { op, message })) => {
                 assert_eq!(op, "block_attach");
                 assert!(!message.is_empty());
             }
@@ -448,12 +447,8 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     // RemoveContainer of the last user of an image: detach, the slot is free.
     let unused = vmm_sandbox::unused_disks(&disks, &["busybox".to_string()].into());
     assert_eq!(unused, vec![("other".to_string(), 1)]);
-    vmm_sandbox::control(
-        &vmm.socket,
-        "block_detach",
-        &serde_json::json!({"op": "block_detach", "slot": 1}),
-    )
-    .expect("block_detach");
+    vmm_sandbox::control(&vmm.socket, &ControlRequest::BlockDetach { slot: 1 })
+        .expect("block_detach");
     disks.remove("other");
     assert_eq!(backing_changes(&vmm, 1), 2);
     assert_eq!(vmm_sandbox::free_slot(&disks, 2), Some(1));

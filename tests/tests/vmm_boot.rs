@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use vmpod::vmm::VmExitReason;
 use vmpod_tests::vmm::{VM_TIMEOUT, config, ctl, read, start, wait_end, wait_serial};
 use vmpod_tests::{artefact, build_freestanding_guest, require_kvm};
+use vmpod_vmm::VmExitReason;
 
 #[test]
 fn freestanding_guest_boots_through_the_linux_path_and_resets() {
@@ -248,7 +248,7 @@ fn linux_kernel_boot_smoke() {
                     break r.unwrap_or_else(|e| panic!("the VMM failed: {e}"));
                 }
                 let req = r#"{"op":"shutdown","timeout_ms":0}"#;
-                if let Ok(v) = vmpod::vmm::control::request(&socket, req, Duration::from_secs(10)) {
+                if let Ok(v) = vmpod_vmm::control::request(&socket, req, Duration::from_secs(10)) {
                     assert_eq!(v["ok"], true, "{v}");
                     break wait_end(&rx, &serial);
                 }
@@ -285,13 +285,13 @@ mod device_hook {
     use std::time::{Duration, Instant};
 
     use vmm_sys_util::eventfd::EventFd;
-    use vmpod::vmm::VmExitReason;
-    use vmpod::vmm::bus::BusDevice;
-    use vmpod::vmm::config::BlockSlotConfig;
-    use vmpod::vmm::control::DeviceControl;
-    use vmpod::vmm::device_manager::VirtioMmioDevice;
     use vmpod_tests::vmm::{VM_TIMEOUT, config, ctl, read, wait_serial};
     use vmpod_tests::{build_freestanding_guest, require_kvm};
+    use vmpod_vmm::VmExitReason;
+    use vmpod_vmm::bus::BusDevice;
+    use vmpod_vmm::config::BlockSlotConfig;
+    use vmpod_vmm::control::DeviceControl;
+    use vmpod_vmm::device_manager::VirtioMmioDevice;
 
     struct FakeDevice {
         queue: EventFd,
@@ -357,14 +357,14 @@ mod device_hook {
             let device = Arc::new(Mutex::new(FakeDevice { queue, irq }));
             let mut hook =
                 move |vm: &kvm_ioctls::VmFd,
-                      dm: &mut vmpod::vmm::device_manager::DeviceManager,
-                      em: &mut vmpod::vmm::device_manager::VmmEventManager,
+                      dm: &mut vmpod_vmm::device_manager::DeviceManager,
+                      em: &mut vmpod_vmm::device_manager::VmmEventManager,
                       _mem: &Arc<vm_memory::GuestMemoryMmap>| {
                     dm.add_virtio_mmio_device(vm, Some(em), device.clone(), None)?;
                     let dc: Arc<dyn DeviceControl> = control_in.clone();
                     Ok(Some(dc))
                 };
-            let r = vmpod::vmm::run(&cfg, Instant::now(), Some(&mut hook));
+            let r = vmpod_vmm::run(&cfg, Instant::now(), Some(&mut hook));
             let _ = tx.send(r.map_err(|e| format!("{e:?}")));
         });
         let serial = dir.path().join("serial.log");

@@ -1,4 +1,4 @@
-//! The whole VMM⇄guest device path under real KVM: `vmpod vmm`'s device
+//! The whole VMM⇄guest device path under real KVM: `vmpod-vmm`'s device
 //! wiring (rng, vsock, three block slots) driven by the freestanding test
 //! guest's own virtio-mmio drivers through real virtqueues and interrupts
 //! (`guest.virtio`, see `freestanding_guest/README.md` and

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use vmpod::vmm::VmExitReason;
 use vmpod_tests::vmm::{config, ctl, read, start, wait_end, wait_serial};
 use vmpod_tests::{build_freestanding_guest, require_kvm};
+use vmpod_vmm::VmExitReason;
 
 #[test]
 fn vm_runs_and_is_controlled_under_seccomp() {

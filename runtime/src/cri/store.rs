@@ -213,7 +213,7 @@ impl SandboxRecordOnDisk {
                             .join(&self.id)
                             .join(vmm::CONFIG_FILE)
                     })
-                    .and_then(|p| crate::vmm::config::VmmConfig::from_file(&p).ok())
+                    .and_then(|p| vmpod_vmm::config::VmmConfig::from_file(&p).ok())
                     .map_or(crate::config::DEFAULT_BLOCK_SLOTS as usize, |c| {
                         c.block.len()
                     });

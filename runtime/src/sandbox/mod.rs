@@ -138,8 +138,7 @@ pub fn readiness(handler: &Handler, agent_binary: &Path) -> Result<(), String> {
             file("the guest kernel", &handler.kernel())?;
             file("the guest initramfs", &handler.initramfs())?;
             kvm()?;
-            let exe = crate::self_exe().map_err(|e| format!("the vmpod binary: {e}"))?;
-            file("the vmpod binary (it runs the VMM)", &exe)
+            file("the VMM binary (vmpod-vmm)", &crate::vmm_binary())
         }
     }
 }

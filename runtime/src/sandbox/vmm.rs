@@ -1,4 +1,4 @@
-//! The VM sandbox backend on the `vmpod` hypervisor: one `vmpod vmm`
+//! The VM sandbox backend on the `vmpod` hypervisor: one `vmpod-vmm`
 //! process per pod (our own KVM VMM), the agent as PID 1 of the guest,
 //! reached over the VMM's own hybrid vsock (no vhost-device-vsock).
 //!
@@ -47,9 +47,8 @@ use crate::config::Handler;
 use crate::cri::image::ResolvedImage;
 use crate::cri::store::MountRecord;
 use crate::process::Proc;
-use crate::vmm::config::{
-    BlockSlotConfig, SerialConfig, VmmConfig, VsockConfig, block_slot_serial,
-};
+use vmpod_vmm::config::{BlockSlotConfig, SerialConfig, VmmConfig, VsockConfig, block_slot_serial};
+use vmpod_vmm::control::{CallError, ControlRequest, PROTOCOL_VERSION};
 
 /// The VMM's configuration file in the sandbox dir.
 pub const CONFIG_FILE: &str = "vmm.json";
@@ -82,20 +81,16 @@ pub enum VmmError {
         source: std::io::Error,
     },
     #[error("the rendered VMM configuration is invalid")]
-    Config(#[from] crate::vmm::config::ConfigError),
-    #[error("finding the vmpod binary to run the VMM")]
-    CurrentExe(#[source] std::io::Error),
+    Config(#[from] vmpod_vmm::config::ConfigError),
     #[error("starting the VMM")]
     Spawn(#[from] crate::process::SpawnError),
-    #[error("control request {op} on {path}")]
-    Control {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the VMM refused {op}: {message}")]
-    Refused { op: &'static str, message: String },
+    #[error(transparent)]
+    Control(#[from] CallError),
+    #[error(
+        "the VMM speaks control protocol {found:?}, this daemon {expected} \
+         (install vmpod and vmpod-vmm from the same build)"
+    )]
+    Protocol { found: Option<u64>, expected: u32 },
 }
 
 /// The VMM configuration of a pod VM: `handler` already sized, the files
@@ -142,16 +137,14 @@ pub fn vmm_config(
     Ok(cfg)
 }
 
-/// Writes `cfg` to `<dir>/vmm.json` and starts `vmpod vmm --config` on it
-/// (this very binary) in its own session, stderr to `<dir>/vmm.log`.
-/// Returns its PID.
+/// Writes `cfg` to `<dir>/vmm.json` and starts `vmpod-vmm --config` on it
+/// in its own session, stderr to `<dir>/vmm.log`. Returns its PID.
 pub fn spawn_vmm(dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmError> {
-    let exe = crate::self_exe().map_err(VmmError::CurrentExe)?;
-    spawn_vmm_with(&exe, dir, cfg)
+    spawn_vmm_with(&crate::vmm_binary(), dir, cfg)
 }
 
-/// [`spawn_vmm`] with the `vmpod` binary given (tests run it from theirs).
-pub fn spawn_vmm_with(vmpod: &Path, dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmError> {
+/// [`spawn_vmm`] with the `vmpod-vmm` binary given (tests run their build).
+pub fn spawn_vmm_with(vmm: &Path, dir: &Path, cfg: &VmmConfig) -> Result<i32, VmmError> {
     let path = dir.join(CONFIG_FILE);
     let json = serde_json::to_vec_pretty(cfg).map_err(|e| VmmError::WriteConfig {
         path: path.clone(),
@@ -161,8 +154,8 @@ pub fn spawn_vmm_with(vmpod: &Path, dir: &Path, cfg: &VmmConfig) -> Result<i32, 
         path: path.clone(),
         source,
     })?;
-    let mut cmd = std::process::Command::new(vmpod);
-    cmd.arg("vmm").arg("--config").arg(&path);
+    let mut cmd = std::process::Command::new(vmm);
+    cmd.arg("--config").arg(&path);
     Ok(crate::process::spawn_detached(
         cmd,
         None,
@@ -171,44 +164,22 @@ pub fn spawn_vmm_with(vmpod: &Path, dir: &Path, cfg: &VmmConfig) -> Result<i32, 
 }
 
 /// One control-socket request (blocking, bounded by [`CONTROL_TIMEOUT`]).
-pub fn control(
-    socket: &Path,
-    op: &'static str,
-    request: &serde_json::Value,
-) -> Result<serde_json::Value, VmmError> {
-    let reply = crate::vmm::control::request(socket, &request.to_string(), CONTROL_TIMEOUT)
-        .map_err(|source| VmmError::Control {
-            op,
-            path: socket.to_path_buf(),
-            source,
-        })?;
-    if reply["ok"] == true {
-        Ok(reply)
-    } else {
-        Err(VmmError::Refused {
-            op,
-            message: reply["error"]
-                .as_str()
-                .unwrap_or("no reason given")
-                .chars()
-                .take(512)
-                .collect(),
-        })
-    }
+pub fn control(socket: &Path, request: &ControlRequest) -> Result<serde_json::Value, VmmError> {
+    Ok(vmpod_vmm::control::call(socket, request, CONTROL_TIMEOUT)?)
 }
 
 async fn control_async(
     socket: PathBuf,
-    op: &'static str,
-    request: serde_json::Value,
+    request: ControlRequest,
 ) -> Result<serde_json::Value, VmmError> {
-    tokio::task::spawn_blocking(move || control(&socket, op, &request))
+    let op = request.op();
+    tokio::task::spawn_blocking(move || control(&socket, &request))
         .await
         .unwrap_or_else(|e| {
-            Err(VmmError::Refused {
+            Err(VmmError::Control(CallError::Refused {
                 op,
                 message: format!("the control thread failed: {e}"),
-            })
+            }))
         })
 }
 
@@ -230,14 +201,18 @@ pub async fn wait_vmm_ready(
             )));
         }
         if socket.exists() {
-            match control_async(
-                socket.to_path_buf(),
-                "status",
-                serde_json::json!({"op": "status"}),
-            )
-            .await
-            {
-                Ok(_) => return Ok(()),
+            match control_async(socket.to_path_buf(), ControlRequest::Status).await {
+                Ok(reply) => {
+                    let found = reply["protocol"].as_u64();
+                    if found != Some(u64::from(PROTOCOL_VERSION)) {
+                        return Err(VmmError::Protocol {
+                            found,
+                            expected: PROTOCOL_VERSION,
+                        }
+                        .into());
+                    }
+                    return Ok(());
+                }
                 Err(e) => last = crate::error_chain(&e),
             }
         }
@@ -289,11 +264,10 @@ pub async fn wait_agent(
 /// already rebooted (after the agent's Shutdown) is gone before that.
 pub async fn end_vmm(socket: &Path, vmm: Proc, timeout: Duration) {
     if vmm.alive() {
-        let req = serde_json::json!({
-            "op": "shutdown",
-            "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-        });
-        if let Err(e) = control_async(socket.to_path_buf(), "shutdown", req).await {
+        let req = ControlRequest::Shutdown {
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        };
+        if let Err(e) = control_async(socket.to_path_buf(), req).await {
             // Usually: the guest rebooted and the VMM is on its way out.
             tracing::debug!(pid = vmm.pid, error = %crate::error_chain(&e), "VMM shutdown request");
         }
@@ -448,8 +422,8 @@ impl SandboxBackend for VmmState {
     /// logged: the slot stays taken and is retried later.
     async fn release_images(&mut self, in_use: &BTreeSet<String>) {
         for (image, slot) in unused_disks(&self.image_disks, in_use) {
-            let req = serde_json::json!({"op": "block_detach", "slot": slot});
-            match control_async(self.control_socket.clone(), "block_detach", req).await {
+            let req = ControlRequest::BlockDetach { slot };
+            match control_async(self.control_socket.clone(), req).await {
                 Ok(_) => {
                     self.image_disks.remove(&image);
                     tracing::info!(image, slot, "image disk detached");
@@ -497,13 +471,11 @@ impl VmmState {
         };
         control_async(
             self.control_socket.clone(),
-            "block_attach",
-            serde_json::json!({
-                "op": "block_attach",
-                "slot": slot,
-                "path": image.erofs_path,
-                "read_only": true,
-            }),
+            ControlRequest::BlockAttach {
+                slot,
+                path: image.erofs_path.clone(),
+                read_only: true,
+            },
         )
         .await?;
         let serial = block_slot_serial(slot);
@@ -771,7 +743,10 @@ mod tests {
         let (mut s, fake) = state(tmp.path(), 2, true);
         let err = expose(&mut s, "a", &[]).await.unwrap_err();
         assert!(
-            matches!(err, SandboxError::Vmm(VmmError::Refused { .. })),
+            matches!(
+                err,
+                SandboxError::Vmm(VmmError::Control(CallError::Refused { .. }))
+            ),
             "{err:?}"
         );
         assert!(s.image_disks.is_empty());

@@ -1,0 +1,43 @@
+//! `vmpod-vmm --config <vmm.json>`: runs one microVM. Exit status: 0 when
+//! the guest reset or powered off, 2 when it crashed, 3 when a graceful
+//! shutdown timed out, 1 on VMM errors.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use vmpod_vmm::config::VmmConfig;
+
+const USAGE: &str = "usage: vmpod-vmm --config <vmm.json>";
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let config = match args.as_slice() {
+        [flag, path] if flag == "--config" => std::path::PathBuf::from(path),
+        [flag] if flag == "--version" => {
+            println!("vmpod-vmm {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(1);
+        }
+    };
+    let cfg = match VmmConfig::from_file(&config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("vmpod-vmm: {}", vmpod_vmm::error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    match vmpod_vmm::run_with_devices(&cfg, started) {
+        Ok(reason) => {
+            eprintln!("vmpod vmm: {reason}");
+            ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("vmpod vmm: running the VM: {}", vmpod_vmm::error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
