@@ -128,6 +128,13 @@ pub struct Handler {
     /// at most 16.
     #[serde(default)]
     pub block_slots: Option<u32>,
+    /// `vmpod` handlers only: whether the daemon checks at start-up that
+    /// this host's KVM can run a stock Linux guest (`vmpod-vmm --probe`)
+    /// and reports the handler not ready when it cannot (PVM, or a KVM
+    /// without VT-x/AMD-V). Default true; false is for guests that are not
+    /// stock Linux (test guests, PVM-patched kernels).
+    #[serde(default)]
+    pub probe_kvm: Option<bool>,
     /// VM handlers only: words appended to the guest kernel's command line
     /// (printable ASCII, at most 512 bytes). Default none.
     #[serde(default)]
@@ -214,6 +221,7 @@ impl Handler {
             max_memory_mib: None,
             boot_timeout_secs: None,
             block_slots: None,
+            probe_kvm: None,
             kernel_args: None,
             kernel: None,
             initramfs: None,
@@ -240,6 +248,11 @@ impl Handler {
                 WritableLayer::Memory => DEFAULT_MEMORY_LAYER_MIB,
             });
         mib << 20
+    }
+
+    /// Whether readiness includes the start-up KVM probe (`vmpod` handlers).
+    pub fn probe_kvm(&self) -> bool {
+        self.probe_kvm.unwrap_or(true)
     }
 
     /// The hypervisor that runs this handler's VMs (default `vmpod`).
@@ -302,6 +315,7 @@ impl Handler {
             || self.max_memory_mib.is_some()
             || self.boot_timeout_secs.is_some()
             || self.block_slots.is_some()
+            || self.probe_kvm.is_some()
             || self.kernel_args.is_some()
             || self.kernel.is_some()
             || self.initramfs.is_some();
@@ -332,6 +346,11 @@ impl Handler {
         if self.hypervisor() == Hypervisor::Vmpod && self.accel.is_some() {
             return invalid(
                 "accel is a qemu setting; the vmpod hypervisor always runs on KVM".into(),
+            );
+        }
+        if self.hypervisor() == Hypervisor::Qemu && self.probe_kvm.is_some() {
+            return invalid(
+                "probe_kvm is a vmpod setting; QEMU handlers choose accel instead".into(),
             );
         }
         if self.hypervisor() == Hypervisor::Qemu && self.block_slots.is_some() {
@@ -612,6 +631,7 @@ mod tests {
             "max_memory_mib = 4294967295",
             "kernel_args = \"a\\nb\"",
             "kernel_args = \"é\"",
+            "hypervisor = \"qemu\"\nprobe_kvm = false",
         ] {
             let backend = if bad.starts_with("block_slots = 4") {
                 "host"
@@ -630,6 +650,7 @@ mod tests {
         .unwrap();
         let h = ok.handler("h").unwrap().1;
         assert_eq!((h.block_slots(), h.boot_timeout().as_secs()), (16, 5));
+        assert!(h.probe_kvm(), "the probe is on by default");
     }
 
     #[test]

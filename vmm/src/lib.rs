@@ -14,6 +14,7 @@ pub mod devices;
 pub mod log;
 pub mod machine;
 pub mod metrics;
+pub mod probe;
 pub mod seccomp;
 pub mod vcpu;
 

@@ -75,6 +75,14 @@ impl Cri {
             })?;
         let handler_name = handler_name.to_string();
         let handler = handler.clone();
+        let kind = BackendKind::of(&handler);
+        // VMs are sized before anything is made (and before readiness: a
+        // request that can never succeed is InvalidArgument on any node).
+        let handler = if kind.is_vm() {
+            vm::sized_handler(&handler, config.linux.as_ref())?
+        } else {
+            handler
+        };
         // Honest readiness: a handler that cannot run pods here says why
         // before anything is made.
         crate::sandbox::readiness(&handler, &self.config.agent_binary()).map_err(|why| {
@@ -171,14 +179,6 @@ impl Cri {
             node_hostname()?
         } else {
             config.hostname.clone()
-        };
-        let kind = BackendKind::of(&handler);
-        // VMs are sized before anything is made: a pod asking for more
-        // than the handler allows fails without side effects.
-        let handler = if kind.is_vm() {
-            vm::sized_handler(&handler, config.linux.as_ref())?
-        } else {
-            handler
         };
         let rec = SandboxRecord {
             id: id.clone(),

@@ -47,7 +47,8 @@ pub const SOCKET_MODE: u32 = 0o660;
 /// Serves the CRI on `socket` until SIGTERM or SIGINT.
 pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
     // Pin the binary's path now, before an upgrade can replace it (log
-    // pumps and VMMs are this binary re-executed; see `self_exe`).
+    // pumps are this binary re-executed, VMMs the one beside it; see
+    // `self_exe`).
     if let Err(e) = crate::self_exe() {
         tracing::warn!(error = %e, "cannot resolve the vmpod binary's path");
     }
@@ -55,6 +56,17 @@ pub async fn serve(config: Config, socket: &Path) -> Result<(), ServeError> {
         ImageManager::open(&config.state_dir.join("images"), config.image.clone())
             .map_err(ServeError::ImageStore)?,
     );
+    // Can this KVM run the `vmpod` hypervisor's guests? Asked once, now,
+    // so Status answers from the cache (sandbox::kvm_probe).
+    let probes = config.handlers.values().any(|h| {
+        crate::sandbox::BackendKind::of(h) == crate::sandbox::BackendKind::Vmm && h.probe_kvm()
+    });
+    if probes {
+        let vmm = crate::vmm_binary();
+        if vmm.is_file() {
+            let _ = tokio::task::spawn_blocking(move || crate::sandbox::kvm_probe(&vmm)).await;
+        }
+    }
     let fallback = StaticImages::load(&config.static_images).map_err(ServeError::Images)?;
     let images: Arc<dyn ImageResolver> = Arc::new(StoreImages::new(manager.clone(), fallback));
     let streaming = StreamingServer::start(config.streaming.clone())

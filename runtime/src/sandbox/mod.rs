@@ -20,7 +20,7 @@ pub mod vmm;
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -138,8 +138,79 @@ pub fn readiness(handler: &Handler, agent_binary: &Path) -> Result<(), String> {
             file("the guest kernel", &handler.kernel())?;
             file("the guest initramfs", &handler.initramfs())?;
             kvm()?;
-            file("the VMM binary (vmpod-vmm)", &crate::vmm_binary())
+            let vmm = crate::vmm_binary();
+            file("the VMM binary (vmpod-vmm)", &vmm)?;
+            if handler.probe_kvm() {
+                kvm_probe(&vmm)
+                    .map_err(|why| format!("{why} (probe_kvm = false skips this check)"))?;
+            }
+            Ok(())
         }
+    }
+}
+
+/// How long `vmpod-vmm --probe` may take (it needs ~10 ms).
+const KVM_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether this host's KVM can run a stock Linux guest, as `vmpod-vmm
+/// --probe` finds (see the VMM's `probe` module). Run once per daemon and
+/// VMM binary, the first time it is asked (`vmpod serve` asks at start-up);
+/// the answer describes the host and does not change while the daemon runs.
+pub fn kvm_probe(vmm: &Path) -> Result<(), String> {
+    static PROBED: std::sync::Mutex<Vec<(PathBuf, Result<(), String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut probed = PROBED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, r)) = probed.iter().find(|(p, _)| p == vmm) {
+        return r.clone();
+    }
+    let result = run_kvm_probe(vmm);
+    match &result {
+        Ok(()) => tracing::info!(vmm = %vmm.display(), "KVM probe: stock Linux guests run here"),
+        Err(why) => tracing::warn!(vmm = %vmm.display(), "KVM probe: {why}"),
+    }
+    probed.push((vmm.to_path_buf(), result.clone()));
+    result
+}
+
+fn run_kvm_probe(vmm: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut child = std::process::Command::new(vmm)
+        .arg("--probe")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("running {} --probe: {e}", vmm.display()))?;
+    let deadline = std::time::Instant::now() + KVM_PROBE_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the KVM probe did not finish within {KVM_PROBE_TIMEOUT:?}"
+                ));
+            }
+            Err(e) => return Err(format!("waiting for the KVM probe: {e}")),
+        }
+    };
+    let mut out = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = stdout.take(4096).read_to_string(&mut out);
+    }
+    let out = out.trim();
+    if status.success() {
+        Ok(())
+    } else if out.is_empty() {
+        Err(format!("the KVM probe failed ({status})"))
+    } else {
+        Err(format!("KVM probe: {out}"))
     }
 }
 
