@@ -73,6 +73,9 @@ pub fn configure(interfaces: &[NetworkInterface]) -> Result<(), NetifError> {
                 "setting the netmask",
             )?;
         }
+        if let Some(mtu) = plan.mtu {
+            set_mtu(&sock, &ifname, mtu)?;
+        }
         link_up(&sock, &ifname)?;
         for (dst, prefix, gw) in &plan.routes {
             add_route(&sock, &ifname, *dst, *prefix, *gw)?;
@@ -84,6 +87,7 @@ pub fn configure(interfaces: &[NetworkInterface]) -> Result<(), NetifError> {
 /// A validated interface request.
 struct Plan {
     mac: String,
+    mtu: Option<i32>,
     addresses: Vec<(Ipv4Addr, u8)>,
     routes: Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>,
 }
@@ -122,8 +126,20 @@ impl Plan {
             };
             routes.push((ip(&r.destination)?, prefix(r.prefix_len)?, gw));
         }
+        let mtu = match i.mtu {
+            0 => None,
+            m if MTU_RANGE.contains(&m) => i32::try_from(m).ok(),
+            m => {
+                return Err(NetifError::Invalid(format!(
+                    "invalid MTU {m} (expected {}..={})",
+                    MTU_RANGE.start(),
+                    MTU_RANGE.end()
+                )));
+            }
+        };
         Ok(Plan {
             mac,
+            mtu,
             addresses,
             routes,
         })
@@ -193,6 +209,24 @@ fn set_addr(
     if unsafe { libc::ioctl(sock.as_raw_fd(), request, &req) } < 0 {
         return Err(NetifError::Ioctl {
             what,
+            ifname: ifname.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// The MTUs Linux accepts on an Ethernet NIC (IPv4's minimum to 64 KiB).
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
+
+fn set_mtu(sock: &OwnedFd, ifname: &str, mtu: i32) -> Result<(), NetifError> {
+    let mut req = ifreq(ifname)?;
+    req.ifr_ifru.ifru_mtu = mtu;
+    // SAFETY: SIOCSIFMTU reads the name and the mtu member of req, which
+    // lives for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &req) } < 0 {
+        return Err(NetifError::Ioctl {
+            what: "setting the MTU",
             ifname: ifname.to_string(),
             source: std::io::Error::last_os_error(),
         });
@@ -288,9 +322,19 @@ mod tests {
                 prefix_len: 0,
                 gateway: "10.88.0.1".into(),
             }],
+            mtu: 1400,
         };
         let plan = Plan::from_request(&good).unwrap();
         assert_eq!(plan.mac, "0a:58:0a:58:00:05");
+        assert_eq!(plan.mtu, Some(1400));
+        let mut default_mtu = good.clone();
+        default_mtu.mtu = 0;
+        assert_eq!(Plan::from_request(&default_mtu).unwrap().mtu, None);
+        for mtu in [67, 65536, u32::MAX] {
+            let mut bad = good.clone();
+            bad.mtu = mtu;
+            assert!(Plan::from_request(&bad).is_err(), "MTU {mtu}");
+        }
         assert_eq!(
             plan.routes,
             [(Ipv4Addr::UNSPECIFIED, 0, Some(Ipv4Addr::new(10, 88, 0, 1)))]

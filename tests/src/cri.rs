@@ -735,3 +735,29 @@ pub fn parse_record(line: &str) -> (&str, &str, &str, &str) {
     let msg = parts.next().unwrap_or_default();
     (ts, stream, tag, msg)
 }
+
+/// How long [`poll`] waits for something a booting VM or the daemon does.
+pub const POLL_WAIT: Duration = Duration::from_secs(60);
+
+/// Polls until `f` returns Some (bounded by [`POLL_WAIT`]).
+pub async fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + POLL_WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The one sandbox dir under the daemon's state dir that holds a VMM config.
+pub fn booting_sandbox(d: &Daemon) -> Option<(String, PathBuf)> {
+    let entries = std::fs::read_dir(d.state_dir().join("sandboxes")).ok()?;
+    entries.flatten().find_map(|e| {
+        let dir = e.path();
+        dir.join("vmm.json")
+            .is_file()
+            .then(|| (e.file_name().to_string_lossy().into_owned(), dir))
+    })
+}

@@ -30,34 +30,8 @@ use vmpod_tests::{artefact, build_freestanding_guest, kvm_is_pvm, require_kvm};
 use vmpod_vmm::config::{VmmConfig, block_slot_serial};
 use vmpod_vmm::control::{CallError, ControlRequest};
 
-/// How long a test waits for something a booting VM writes.
-const WAIT: Duration = Duration::from_secs(60);
-
 fn read(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
-/// Polls until `f` returns Some (bounded by [`WAIT`]).
-async fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The one sandbox dir under the daemon's state dir that holds a VMM config.
-fn booting_sandbox(d: &Daemon) -> Option<(String, PathBuf)> {
-    let entries = std::fs::read_dir(d.state_dir().join("sandboxes")).ok()?;
-    entries.flatten().find_map(|e| {
-        let dir = e.path();
-        dir.join("vmm.json")
-            .is_file()
-            .then(|| (e.file_name().to_string_lossy().into_owned(), dir))
-    })
 }
 
 async fn list_pods(cri: &mut Cri) -> Vec<PodSandbox> {
@@ -452,10 +426,11 @@ async fn start_vmm(root: &Path, name: &str, elf: &Path, guest_mode: &str) -> Tes
     let (dir, sockets) = (root.join(name), root.join(format!("{name}.s")));
     std::fs::create_dir_all(&dir).expect("sandbox dir");
     std::fs::create_dir_all(&sockets).expect("socket dir");
-    let mut cfg = vmm_sandbox::vmm_config(&dir, &sockets, &h).expect("the VMM config");
+    let mut cfg = vmm_sandbox::vmm_config(&dir, &sockets, &h, None).expect("the VMM config");
     cfg.cmdline.push(' ');
     cfg.cmdline.push_str(guest_mode);
-    let pid = vmm_sandbox::spawn_vmm_with(&vmm_binary(), &dir, &cfg).expect("spawning the VMM");
+    let pid =
+        vmm_sandbox::spawn_vmm_with(&vmm_binary(), &dir, &cfg, None).expect("spawning the VMM");
     let socket = sockets.join(vmm_sandbox::CONTROL_SOCKET);
     vmm_sandbox::wait_vmm_ready(&dir, &socket, pid, Duration::from_secs(30))
         .await

@@ -223,6 +223,8 @@ impl SandboxRecordOnDisk {
                     uds: self.agent_socket.clone(),
                     block_slots: slots,
                     image_disks: self.image_disks.clone(),
+                    // Old records are from before the VMM had a NIC.
+                    tap: None,
                 }))
             }
             "vm" => Some(BackendState::Qemu(QemuState {

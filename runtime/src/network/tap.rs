@@ -53,8 +53,8 @@ pub struct GuestNic {
 /// Creates the tap in `netns` and redirects eth0 ⇄ tap.
 pub async fn connect(netns: &Path, result: &serde_json::Value) -> Result<GuestNic, VmNetworkError> {
     let link = run(netns, "ip", &["-j", "link", "show", "dev", POD_IFNAME]).await?;
-    let (mac, mtu) = parse_link(&link)?;
-    let mtu = mtu.to_string();
+    let (mac, eth0_mtu) = parse_link(&link)?;
+    let mtu = eth0_mtu.to_string();
     let steps: [(&str, Vec<&str>); 6] = [
         ("ip", vec!["tuntap", "add", "dev", TAP_NAME, "mode", "tap"]),
         (
@@ -69,7 +69,7 @@ pub async fn connect(netns: &Path, result: &serde_json::Value) -> Result<GuestNi
     for (tool, args) in steps {
         run(netns, tool, &args).await?;
     }
-    let interface = guest_interface(&mac, &cni::pod_network(result))?;
+    let interface = guest_interface(&mac, eth0_mtu, &cni::pod_network(result))?;
     Ok(GuestNic {
         netns: netns.to_path_buf(),
         tap: TAP_NAME.to_string(),
@@ -109,11 +109,12 @@ fn parse_link(json: &[u8]) -> Result<(String, u32), VmNetworkError> {
     Ok((mac, mtu))
 }
 
-/// The guest NIC's configuration: the pod's IPv4 addresses and the
-/// result's routes (a route without a gateway goes through the address's
+/// The guest NIC's configuration: eth0's MTU, the pod's IPv4 addresses and
+/// the result's routes (a route without a gateway goes through the address's
 /// gateway, as the CNI plugins' own interface setup does).
 pub fn guest_interface(
     mac: &str,
+    mtu: u32,
     net: &cni::PodNetwork,
 ) -> Result<vmpod_proto::v1::NetworkInterface, VmNetworkError> {
     use std::net::IpAddr;
@@ -134,6 +135,7 @@ pub fn guest_interface(
     });
     Ok(vmpod_proto::v1::NetworkInterface {
         mac: mac.to_string(),
+        mtu,
         addresses: v4
             .iter()
             .map(|(a, p, _)| vmpod_proto::v1::IpAddress {
@@ -210,15 +212,16 @@ mod tests {
             ],
             "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.99.0.0/16", "gw": "10.88.0.254"}]
         });
-        let nic = guest_interface("0a:00:00:00:00:05", &cni::pod_network(&result)).unwrap();
+        let nic = guest_interface("0a:00:00:00:00:05", 1450, &cni::pod_network(&result)).unwrap();
         assert_eq!(nic.addresses.len(), 1);
+        assert_eq!(nic.mtu, 1450, "the guest NIC gets eth0's MTU");
         assert_eq!(nic.addresses[0].address, "10.88.0.5");
         assert_eq!(nic.addresses[0].prefix_len, 24);
         assert_eq!(nic.routes[0].destination, "0.0.0.0");
         assert_eq!(nic.routes[0].gateway, "10.88.0.1");
         assert_eq!(nic.routes[1].gateway, "10.88.0.254");
         assert!(matches!(
-            guest_interface("0a:00:00:00:00:05", &cni::PodNetwork::default()),
+            guest_interface("0a:00:00:00:00:05", 1450, &cni::PodNetwork::default()),
             Err(VmNetworkError::NoAddress)
         ));
     }
