@@ -135,6 +135,18 @@ pub struct Handler {
     /// stock Linux (test guests, PVM-patched kernels).
     #[serde(default)]
     pub probe_kvm: Option<bool>,
+    /// `vmpod` handlers only: jail each pod's VMM (own mount, PID, IPC and
+    /// UTS namespaces, an empty root, no capabilities, an unprivileged
+    /// uid/gid, seccomp without open/socket/connect). Default true.
+    #[serde(default)]
+    pub jail: Option<bool>,
+    /// `vmpod` handlers only: the uid and gid jailed VMMs run as. Default:
+    /// one per pod from the range [`VMM_ID_BASE`], +65536 (derived from the
+    /// sandbox ID).
+    #[serde(default)]
+    pub vmm_uid: Option<u32>,
+    #[serde(default)]
+    pub vmm_gid: Option<u32>,
     /// VM handlers only: words appended to the guest kernel's command line
     /// (printable ASCII, at most 512 bytes). Default none.
     #[serde(default)]
@@ -202,6 +214,10 @@ pub const MAX_MEMORY_MIB: u32 = vmpod_vmm::config::MAX_MEMORY_MIB;
 /// Default and largest `block_slots`.
 pub const DEFAULT_BLOCK_SLOTS: u32 = 8;
 pub const MAX_BLOCK_SLOTS: u32 = vmpod_vmm::config::MAX_BLOCK_SLOTS as u32;
+/// The first of the 65536 uids/gids jailed VMMs get by default (no user
+/// or group of a Debian system lives there).
+pub const VMM_ID_BASE: u32 = 0x5000_0000;
+
 /// Default and largest `boot_timeout_secs`.
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 120;
 pub const MAX_BOOT_TIMEOUT_SECS: u64 = 3600;
@@ -222,6 +238,9 @@ impl Handler {
             boot_timeout_secs: None,
             block_slots: None,
             probe_kvm: None,
+            jail: None,
+            vmm_uid: None,
+            vmm_gid: None,
             kernel_args: None,
             kernel: None,
             initramfs: None,
@@ -248,6 +267,27 @@ impl Handler {
                 WritableLayer::Memory => DEFAULT_MEMORY_LAYER_MIB,
             });
         mib << 20
+    }
+
+    /// Whether pods' VMMs are jailed (`vmpod` handlers).
+    pub fn jail(&self) -> bool {
+        self.jail.unwrap_or(true)
+    }
+
+    /// The uid and gid of the jailed VMM of sandbox `id`: the handler's,
+    /// else one per pod in [`VMM_ID_BASE`]..+65536, so no two pods' VMMs
+    /// likely share an id even before their namespaces separate them.
+    pub fn vmm_ids(&self, id: &str) -> (u32, u32) {
+        // FNV-1a: stable across releases (the id must not change for a
+        // running pod after a daemon upgrade; it is recorded in vmm.json).
+        let hash = id.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        let derived = VMM_ID_BASE + (hash & 0xffff);
+        (
+            self.vmm_uid.unwrap_or(derived),
+            self.vmm_gid.unwrap_or(derived),
+        )
     }
 
     /// Whether readiness includes the start-up KVM probe (`vmpod` handlers).
@@ -316,6 +356,9 @@ impl Handler {
             || self.boot_timeout_secs.is_some()
             || self.block_slots.is_some()
             || self.probe_kvm.is_some()
+            || self.jail.is_some()
+            || self.vmm_uid.is_some()
+            || self.vmm_gid.is_some()
             || self.kernel_args.is_some()
             || self.kernel.is_some()
             || self.initramfs.is_some();
@@ -352,6 +395,14 @@ impl Handler {
             return invalid(
                 "probe_kvm is a vmpod setting; QEMU handlers choose accel instead".into(),
             );
+        }
+        if self.hypervisor() == Hypervisor::Qemu
+            && (self.jail.is_some() || self.vmm_uid.is_some() || self.vmm_gid.is_some())
+        {
+            return invalid("jail, vmm_uid and vmm_gid are vmpod settings".into());
+        }
+        if self.vmm_uid == Some(0) || self.vmm_gid == Some(0) {
+            return invalid("vmm_uid and vmm_gid must not be 0 (root)".into());
         }
         if self.hypervisor() == Hypervisor::Qemu && self.block_slots.is_some() {
             return invalid(
@@ -632,6 +683,9 @@ mod tests {
             "kernel_args = \"a\\nb\"",
             "kernel_args = \"é\"",
             "hypervisor = \"qemu\"\nprobe_kvm = false",
+            "hypervisor = \"qemu\"\njail = false",
+            "vmm_uid = 0",
+            "vmm_gid = 0",
         ] {
             let backend = if bad.starts_with("block_slots = 4") {
                 "host"
@@ -651,6 +705,12 @@ mod tests {
         let h = ok.handler("h").unwrap().1;
         assert_eq!((h.block_slots(), h.boot_timeout().as_secs()), (16, 5));
         assert!(h.probe_kvm(), "the probe is on by default");
+        assert!(h.jail(), "VMMs are jailed by default");
+        let (uid, gid) = h.vmm_ids("0123abcd");
+        assert_eq!(uid, gid);
+        assert!((VMM_ID_BASE..VMM_ID_BASE + 65536).contains(&uid));
+        assert_eq!(h.vmm_ids("0123abcd"), (uid, gid), "stable");
+        assert_ne!(h.vmm_ids("0123abce").0, uid, "per pod");
     }
 
     #[test]

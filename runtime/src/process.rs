@@ -24,9 +24,21 @@ pub struct SpawnError {
 /// `log`, optionally inside a network namespace, and returns its PID. A
 /// thread reaps it while this daemon runs; after a restart init does.
 pub fn spawn_detached(
+    cmd: std::process::Command,
+    netns: Option<&Path>,
+    log: &Path,
+) -> Result<i32, SpawnError> {
+    spawn_detached_in(cmd, netns, log, &[])
+}
+
+/// [`spawn_detached`], the child joining the cgroups whose `cgroup.procs`
+/// files are `cgroups` before it runs `cmd` (so whatever it forks at once
+/// starts there too).
+pub fn spawn_detached_in(
     mut cmd: std::process::Command,
     netns: Option<&Path>,
     log: &Path,
+    cgroups: &[PathBuf],
 ) -> Result<i32, SpawnError> {
     let binary = PathBuf::from(cmd.get_program());
     let err = |source| SpawnError {
@@ -47,7 +59,21 @@ pub fn spawn_detached(
         .stdout(log)
         .stderr(log2);
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+    let procs: Vec<std::fs::File> = cgroups
+        .iter()
+        .map(|p| std::fs::OpenOptions::new().write(true).open(p))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let procs_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let in_child = move || -> std::io::Result<()> {
+        for fd in &procs_fds {
+            // "0": the writing process itself.
+            // SAFETY: write(2) of one byte from a static buffer to an fd
+            // the parent keeps open until spawn returns.
+            if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         if let Some(fd) = netns_fd {
             // SAFETY: setns takes an fd that stays open until spawn returns
             // (the parent holds `netns`) and a constant flag.
@@ -62,9 +88,10 @@ pub fn spawn_detached(
         Ok(())
     };
     // SAFETY: the closure only makes async-signal-safe system calls
-    // (setns, setsid) and allocates nothing.
+    // (write, setns, setsid) and allocates nothing.
     unsafe { cmd.pre_exec(in_child) };
     let child = cmd.spawn().map_err(err)?;
+    drop(procs);
     let pid = child.id() as i32;
     std::thread::spawn(move || {
         let mut child = child;

@@ -183,6 +183,7 @@ pub mod vmm {
             }),
             control_socket: Some(dir.join("control.sock")),
             seccomp: false,
+            jail: None,
         }
     }
 

@@ -662,26 +662,35 @@ async fn the_vmpod_hypervisor_attaches_the_pods_nic() {
         );
     }
 
-    // The VMM runs in the pod's namespace and holds tap0 open.
-    let vmm = poll("the VMM process", || {
-        let p = processes_mentioning(&dir.join("vmm.json"));
-        p.first()
-            .and_then(|l| l.split(':').next()?.parse::<i32>().ok())
+    // The VMM (the process the daemon started and the jailed VMM it
+    // forked) runs in the pod's namespace, and the jailed one holds tap0.
+    let vmms = poll("the VMM processes", || {
+        let p: Vec<i32> = processes_mentioning(&dir.join("vmm.json"))
+            .iter()
+            .filter_map(|l| l.split(':').next()?.parse().ok())
+            .collect();
+        (p.len() == 2).then_some(p)
     })
     .await;
     use std::os::unix::fs::MetadataExt;
     let ns_of = |p: &Path| std::fs::metadata(p).expect("a namespace").ino();
-    assert_eq!(
-        ns_of(Path::new(&format!("/proc/{vmm}/ns/net"))),
-        ns_of(&netns),
-        "the VMM is not in the pod's network namespace"
-    );
+    for vmm in &vmms {
+        assert_eq!(
+            ns_of(Path::new(&format!("/proc/{vmm}/ns/net"))),
+            ns_of(&netns),
+            "VMM process {vmm} is not in the pod's network namespace"
+        );
+    }
     poll("the VMM's tap fd", || {
-        let fds = std::fs::read_dir(format!("/proc/{vmm}/fdinfo")).ok()?;
-        fds.flatten()
-            .any(|f| {
-                std::fs::read_to_string(f.path())
-                    .is_ok_and(|i| i.lines().any(|l| l.split_whitespace().eq(["iff:", "tap0"])))
+        vmms.iter()
+            .any(|vmm| {
+                let Ok(fds) = std::fs::read_dir(format!("/proc/{vmm}/fdinfo")) else {
+                    return false;
+                };
+                fds.flatten().any(|f| {
+                    std::fs::read_to_string(f.path())
+                        .is_ok_and(|i| i.lines().any(|l| l.split_whitespace().eq(["iff:", "tap0"])))
+                })
             })
             .then_some(())
     })

@@ -30,6 +30,29 @@ use vmpod_tests::{artefact, build_freestanding_guest, kvm_is_pvm, require_kvm};
 use vmpod_vmm::config::{VmmConfig, block_slot_serial};
 use vmpod_vmm::control::{CallError, ControlRequest};
 
+/// The two processes of a jailed pod VMM: the one the daemon started and
+/// the jailed VMM it forked.
+fn vmm_processes(dir: &Path) -> (i64, i64) {
+    let pids: Vec<i64> = processes_mentioning(&dir.join("vmm.json"))
+        .iter()
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    let ppid = |pid: i64| -> i64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        st.lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1)
+    };
+    if ppid(pids[1]) == pids[0] {
+        (pids[0], pids[1])
+    } else {
+        assert_eq!(ppid(pids[0]), pids[1], "{pids:?} are not parent and child");
+        (pids[1], pids[0])
+    }
+}
+
 fn read(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
 }
@@ -169,16 +192,25 @@ async fn runpodsandbox_starts_the_vmm_with_the_pods_config() {
         Some(sockets.join("vsock.sock"))
     );
     // vmm.json is written a moment before the VMM is spawned.
-    let vmm_procs = poll("the VMM process", || {
+    let vmm_procs = poll("the VMM processes", || {
         let p = processes_mentioning(&dir.join("vmm.json"));
-        (!p.is_empty()).then_some(p)
+        (p.len() == 2).then_some(p)
     })
     .await;
-    assert_eq!(vmm_procs.len(), 1, "{vmm_procs:?}");
     assert!(
-        vmm_procs[0].contains("vmpod-vmm --config "),
+        vmm_procs.iter().all(|p| p.contains("vmpod-vmm --config ")),
         "{vmm_procs:?}"
     );
+    // The daemon started one; it forked the jailed VMM (own PID namespace,
+    // the jail's uid) and waits for it.
+    // It leaves root behind before the guest's first instruction.
+    let (_, jailed) = vmm_processes(&dir);
+    poll("the jailed VMM's uid", || {
+        let st = std::fs::read_to_string(format!("/proc/{jailed}/status")).ok()?;
+        let uid = st.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+        (uid.split_whitespace().next()? != "0").then_some(())
+    })
+    .await;
 
     // The VMM runs our kernel: its banner, the pod-sized memory map (320 MiB
     // of RAM end at 0x13ffffff), the VMM's rng, vsock and 4 block slots.
@@ -385,11 +417,7 @@ async fn a_daemon_killed_during_runpodsandbox_leaves_no_vmm_behind() {
     let record: serde_json::Value =
         serde_json::from_str(&read(&dir.join("sandbox.json"))).expect("the CREATING record");
     assert_eq!(record["state"], "Creating", "{record}");
-    let vmm_pid: i64 = processes_mentioning(&dir.join("vmm.json"))[0]
-        .split(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("the VMM's PID");
+    let (vmm_pid, _jailed) = vmm_processes(&dir);
     assert!(
         record["undo"]
             .as_array()
@@ -398,7 +426,6 @@ async fn a_daemon_killed_during_runpodsandbox_leaves_no_vmm_behind() {
             .any(|s| s["undo"] == "end" && s["process"]["pid"] == vmm_pid),
         "{record}"
     );
-    assert_eq!(processes_mentioning(&dir.join("vmm.json")).len(), 1);
 
     d.kill9_and_restart();
     let _ = run.await;
@@ -429,8 +456,8 @@ async fn start_vmm(root: &Path, name: &str, elf: &Path, guest_mode: &str) -> Tes
     let mut cfg = vmm_sandbox::vmm_config(&dir, &sockets, &h, None).expect("the VMM config");
     cfg.cmdline.push(' ');
     cfg.cmdline.push_str(guest_mode);
-    let pid =
-        vmm_sandbox::spawn_vmm_with(&vmm_binary(), &dir, &cfg, None).expect("spawning the VMM");
+    let pid = vmm_sandbox::spawn_vmm_with(&vmm_binary(), &dir, &cfg, None, None)
+        .expect("spawning the VMM");
     let socket = sockets.join(vmm_sandbox::CONTROL_SOCKET);
     vmm_sandbox::wait_vmm_ready(&dir, &socket, pid, Duration::from_secs(30))
         .await
@@ -468,16 +495,7 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
 
     // Graceful: the guest waits for Ctrl-Alt-Del and resets.
     let vmm = start_vmm(tmp.path(), "cad", &elf, "guest.wait_cad").await;
-    let attach = |slot: usize, path: &Path| {
-        vmm_sandbox::control(
-            &vmm.socket,
-            &ControlRequest::BlockAttach {
-                slot,
-                path: path.to_path_buf(),
-                read_only: true,
-            },
-        )
-    };
+    let attach = |slot: usize, path: &Path| vmm_sandbox::attach_disk(&vmm.socket, slot, path);
     let mut disks = BTreeMap::new();
     for (image, path) in [("busybox", &erofs), ("other", &other)] {
         let slot = vmm_sandbox::free_slot(&disks, 2).expect("a free slot");
@@ -488,16 +506,30 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     assert_eq!(disks["busybox"], "vmpod-slot0");
     assert_eq!(disks["other"], "vmpod-slot1");
     assert_eq!(vmm_sandbox::free_slot(&disks, 2), None, "both slots taken");
-    // The VMM refuses what the daemon must never send, and says why.
-    for (slot, path) in [(2, erofs.clone()), (0, tmp.path().join("missing.img"))] {
-        match attach(slot, &path) {
+    // The VMM refuses what the daemon must never send, and says why: a slot
+    // it does not have, and (jailed) a disk by path instead of descriptor.
+    let by_path = vmm_sandbox::control(
+        &vmm.socket,
+        &ControlRequest::BlockAttach {
+            slot: 0,
+            path: erofs.clone(),
+            read_only: true,
+        },
+    );
+    for (what, result) in [("slot 2", attach(2, &erofs)), ("by path", by_path)] {
+        match result {
             Err(VmmError::Control(CallError::Refused { op, message })) => {
                 assert_eq!(op, "block_attach");
                 assert!(!message.is_empty());
             }
-            other => panic!("attach of {} to slot {slot}: {other:?}", path.display()),
+            other => panic!("attach {what}: {other:?}"),
         }
     }
+    // A disk the daemon cannot open never reaches the VMM.
+    assert!(matches!(
+        attach(0, &tmp.path().join("missing.img")),
+        Err(VmmError::OpenDisk { .. })
+    ));
     // RemoveContainer of the last user of an image: detach, the slot is free.
     let unused = vmm_sandbox::unused_disks(&disks, &["busybox".to_string()].into());
     assert_eq!(unused, vec![("other".to_string(), 1)]);
@@ -518,7 +550,7 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
     assert!(console.contains("got: ctrl-alt-del"), "{console}");
     let log = read(&vmm.dir.join(vmm_sandbox::VMM_LOG));
     assert!(log.contains("vmpod vmm: guest reset"), "{log}");
-    assert!(!vmm.socket.exists(), "the VMM removes its control socket");
+    assert!(!vmm.socket.exists(), "the control socket is removed");
 
     // Deadline: an idle guest ignores Ctrl-Alt-Del; the VMM stops itself.
     let vmm = start_vmm(tmp.path(), "idle", &elf, "guest.idle").await;
@@ -537,8 +569,17 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
 
     // SIGKILL: a VMM that cannot answer (stopped) is killed after the deadline.
     let vmm = start_vmm(tmp.path(), "stopped", &elf, "guest.idle").await;
-    // SAFETY: kill(2) takes plain integers; the PID is the VMM this test started.
-    assert_eq!(unsafe { libc::kill(vmm.pid, libc::SIGSTOP) }, 0);
+    // The jailed VMM is the only child of the process the daemon started.
+    let jailed: i32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vmm.pid))
+        .expect("the VMM's children")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the jailed VMM");
+    for pid in [vmm.pid, jailed] {
+        // SAFETY: kill(2) takes plain integers; the PIDs are the VMM's.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    }
     vmm_sandbox::end_vmm(
         &vmm.socket,
         Proc::of(vmm.pid).expect("the VMM"),
@@ -549,6 +590,11 @@ async fn vmm_block_slots_and_shutdown_over_the_control_socket() {
         !host_sandbox::alive(vmm.pid),
         "a stopped VMM must be SIGKILLed"
     );
+    // ... and the jailed one with it (its parent-death signal).
+    poll("the jailed VMM's end", || {
+        (!host_sandbox::alive(jailed)).then_some(())
+    })
+    .await;
     let log = read(&vmm.dir.join(vmm_sandbox::VMM_LOG));
     assert!(!log.contains("vmpod vmm: "), "it never got to exit: {log}");
 }

@@ -320,7 +320,13 @@ mod device_hook {
     struct FakeControl(Mutex<Vec<String>>);
 
     impl DeviceControl for FakeControl {
-        fn block_attach(&self, slot: usize, path: &Path, ro: bool) -> Result<(), String> {
+        fn block_attach(
+            &self,
+            slot: usize,
+            path: &Path,
+            ro: bool,
+            _file: Option<std::fs::File>,
+        ) -> Result<(), String> {
             self.0
                 .lock()
                 .unwrap()

@@ -9,7 +9,8 @@
 //!   "block": [ { "path": "rootfs.erofs", "read_only": true }, { "read_only": false } ],
 //!   "net": { "tap": "tap0", "mac": "02:00:00:00:00:01" },
 //!   "serial": { "path": "console.log" },
-//!   "control_socket": "/run/vmpod/pod/control.sock"
+//!   "control_socket": "/run/vmpod/pod/control.sock",
+//!   "jail": { "root": "/var/lib/vmpod/sandboxes/<id>/jail", "uid": 1000000007, "gid": 1000000007 }
 //! }
 //! ```
 
@@ -87,6 +88,9 @@ pub struct VmmConfig {
     /// built (default on).
     #[serde(default = "default_seccomp")]
     pub seccomp: bool,
+    /// Jail the VMM before the guest runs (see `jail`); none: unjailed.
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 fn default_seccomp() -> bool {
@@ -175,6 +179,9 @@ impl VmmConfig {
     /// Checks every bound the VMM relies on later.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(jail) = &self.jail {
+            jail.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return invalid(format!("vcpus must be 1..={MAX_VCPUS}, not {}", self.vcpus));
         }

@@ -128,9 +128,17 @@ fn check_slot(slot: usize, slots: usize) -> Result<(), String> {
 /// Run-time control of the virtio devices, implemented where the devices
 /// are wired in (see `machine::DeviceHook`).
 pub trait DeviceControl: Send + Sync {
-    /// Attaches `path` to block slot `slot` (replacing its file, if any) and
-    /// tells the guest the capacity changed.
-    fn block_attach(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), String>;
+    /// Attaches a backing file to block slot `slot` (replacing its file, if
+    /// any) and tells the guest the capacity changed: `file` when the daemon
+    /// passed one (SCM_RIGHTS; `path` is then only its name), else `path`
+    /// opened (never in a jailed VMM).
+    fn block_attach(
+        &self,
+        slot: usize,
+        path: &Path,
+        read_only: bool,
+        file: Option<std::fs::File>,
+    ) -> Result<(), String>;
     /// Detaches block slot `slot`'s file; the guest sees capacity 0.
     fn block_detach(&self, slot: usize) -> Result<(), String>;
     /// Per-device counters for the metrics reply.
@@ -153,8 +161,13 @@ pub fn shutdown_timeout(timeout_ms: Option<u64>) -> Duration {
 
 /// What the control socket acts on; the VMM implements it.
 pub trait ControlTarget: Send + Sync {
-    /// Answers one request with a JSON object (without `ok`), or an error message.
-    fn handle(&self, req: &ControlRequest) -> Result<serde_json::Value, String>;
+    /// Answers one request with a JSON object (without `ok`), or an error
+    /// message. `file`: a descriptor the client sent with it (block_attach).
+    fn handle(
+        &self,
+        req: &ControlRequest,
+        file: Option<std::fs::File>,
+    ) -> Result<serde_json::Value, String>;
 }
 
 /// Renders a response line.
@@ -178,6 +191,69 @@ pub fn response_line(result: Result<serde_json::Value, String>) -> Vec<u8> {
 struct Conn {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// Descriptors received with the bytes in `buf`, oldest first (bounded).
+    fds: std::collections::VecDeque<std::os::fd::OwnedFd>,
+}
+
+/// The most descriptors one message may carry, and one connection hold.
+const MAX_FDS: usize = 2;
+
+/// Reads what is there, with the descriptors that come with it
+/// (recvmsg + SCM_RIGHTS, close-on-exec). Beyond [`MAX_FDS`] held
+/// descriptors, new ones are closed.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut std::collections::VecDeque<std::os::fd::OwnedFd>,
+) -> std::io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    // Room for MAX_FDS ints, aligned for cmsghdr.
+    let mut cmsg = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all zeroes is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    // SAFETY: msg points at live buffers of the sizes it states.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: msg is the header recvmsg filled in; CMSG_FIRSTHDR/NXTHDR stay
+    // within msg_controllen.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    while !c.is_null() {
+        // SAFETY: c points at a complete cmsghdr inside `cmsg`.
+        let hdr = unsafe { &*c };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is a constant computation.
+            let data_len = hdr.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = data_len / std::mem::size_of::<libc::c_int>();
+            // SAFETY: the data of an SCM_RIGHTS message is `count` ints.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<libc::c_int>();
+            for i in 0..count {
+                // SAFETY: i < count: the pointer stays inside the message's data.
+                let at = unsafe { data.add(i) };
+                // SAFETY: `at` points at one of the message's ints; cmsg data
+                // need not be aligned for an int, hence the unaligned read.
+                let raw = unsafe { at.read_unaligned() };
+                // SAFETY: the kernel installed `raw` in this process for us;
+                // nothing else owns it.
+                let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+                if fds.len() < MAX_FDS {
+                    fds.push_back(fd);
+                }
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&raw const msg, c) };
+    }
+    Ok(n as usize)
 }
 
 /// The control socket server, an event-loop subscriber.
@@ -231,6 +307,7 @@ impl ControlServer {
                             Conn {
                                 stream,
                                 buf: Vec::new(),
+                                fds: std::collections::VecDeque::new(),
                             },
                         );
                     }
@@ -248,7 +325,7 @@ impl ControlServer {
     fn serve(conn: &mut Conn, target: &dyn ControlTarget) -> bool {
         let mut chunk = [0u8; 1024];
         loop {
-            match conn.stream.read(&mut chunk) {
+            match recv_with_fds(&conn.stream, &mut chunk, &mut conn.fds) {
                 Ok(0) => return false,
                 Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -268,7 +345,13 @@ impl ControlServer {
             let reply = if line.len() > MAX_LINE {
                 response_line(Err(format!("request longer than {MAX_LINE} bytes")))
             } else {
-                response_line(parse_request(line).and_then(|req| target.handle(&req)))
+                response_line(parse_request(line).and_then(|req| {
+                    // A descriptor goes with the block_attach it came with.
+                    let file = matches!(req, ControlRequest::BlockAttach { .. })
+                        .then(|| conn.fds.pop_front().map(std::fs::File::from))
+                        .flatten();
+                    target.handle(&req, file)
+                }))
             };
             // Replies are small; a client that cannot take one is gone.
             if conn.stream.write_all(&reply).is_err() {
@@ -287,7 +370,11 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // A jailed VMM cannot see the path (and may not unlink): the daemon
+        // removes the pod's socket dir.
+        if !crate::jail::is_jailed() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -322,11 +409,25 @@ impl MutEventSubscriber for ControlServer {
 /// A blocking client for tests and tools: sends one raw request line, reads
 /// one reply line (bounded by `timeout` and 1 MiB).
 pub fn request(path: &Path, req: &str, timeout: Duration) -> std::io::Result<serde_json::Value> {
+    request_with_fd(path, req, None, timeout)
+}
+
+/// [`request`], passing `fd` with the line (SCM_RIGHTS).
+pub fn request_with_fd(
+    path: &Path,
+    req: &str,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    timeout: Duration,
+) -> std::io::Result<serde_json::Value> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    s.write_all(req.as_bytes())?;
-    s.write_all(b"\n")?;
+    let mut line = req.as_bytes().to_vec();
+    line.push(b'\n');
+    match fd {
+        Some(fd) => send_with_fd(&s, &line, fd)?,
+        None => s.write_all(&line)?,
+    }
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 1 << 20 {
@@ -353,6 +454,53 @@ pub enum CallError {
     Refused { op: &'static str, message: String },
 }
 
+/// Sends all of `line` with `fd` attached to its first byte.
+fn send_with_fd(
+    s: &UnixStream,
+    line: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut cmsg = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: line.as_ptr() as *mut libc::c_void,
+        iov_len: line.len(),
+    };
+    // SAFETY: msghdr is plain old data; all zeroes is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a constant computation.
+    msg.msg_controllen =
+        unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // SAFETY: msg_control points at `cmsg`, large enough for one cmsghdr
+    // with one int.
+    let c = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    if c.is_null() {
+        return Err(std::io::Error::other("no room for the SCM_RIGHTS header"));
+    }
+    // SAFETY: CMSG_LEN is a constant computation.
+    let len = unsafe { libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // SAFETY: c points into `cmsg`, which has room for one SCM_RIGHTS header
+    // and its int (CMSG_SPACE above), and nothing else refers to it.
+    let hdr = unsafe { &mut *c };
+    hdr.cmsg_level = libc::SOL_SOCKET;
+    hdr.cmsg_type = libc::SCM_RIGHTS;
+    hdr.cmsg_len = len;
+    // SAFETY: the header's data follows it inside `cmsg`.
+    let data = unsafe { libc::CMSG_DATA(c) }.cast::<libc::c_int>();
+    // SAFETY: `data` has room for one int (CMSG_SPACE above); unaligned write.
+    unsafe { data.write_unaligned(fd.as_raw_fd()) };
+    // SAFETY: msg points at live buffers of the sizes it states.
+    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut w = s;
+    w.write_all(&line[n as usize..])
+}
+
 /// The typed client the daemon uses: sends `req`, returns the reply object
 /// when the VMM says `ok`.
 pub fn call(
@@ -360,11 +508,21 @@ pub fn call(
     req: &ControlRequest,
     timeout: Duration,
 ) -> Result<serde_json::Value, CallError> {
+    call_with_fd(path, req, None, timeout)
+}
+
+/// [`call`], passing `fd` with the request (block_attach's disk).
+pub fn call_with_fd(
+    path: &Path,
+    req: &ControlRequest,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    timeout: Duration,
+) -> Result<serde_json::Value, CallError> {
     let line = serde_json::to_string(req).map_err(|e| CallError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
-    let reply = request(path, &line, timeout).map_err(|source| CallError::Io {
+    let reply = request_with_fd(path, &line, fd, timeout).map_err(|source| CallError::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -481,7 +639,11 @@ mod tests {
 
     struct Echo(Mutex<Vec<ControlRequest>>);
     impl ControlTarget for Echo {
-        fn handle(&self, req: &ControlRequest) -> Result<serde_json::Value, String> {
+        fn handle(
+            &self,
+            req: &ControlRequest,
+            _file: Option<std::fs::File>,
+        ) -> Result<serde_json::Value, String> {
             self.0.lock().unwrap().push(req.clone());
             match req {
                 ControlRequest::Pause => Err("cannot".into()),

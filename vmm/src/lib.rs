@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod devices;
+pub mod jail;
 pub mod log;
 pub mod machine;
 pub mod metrics;

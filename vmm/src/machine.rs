@@ -162,7 +162,11 @@ impl MachineControl {
 }
 
 impl ControlTarget for MachineControl {
-    fn handle(&self, req: &ControlRequest) -> Result<serde_json::Value, String> {
+    fn handle(
+        &self,
+        req: &ControlRequest,
+        file: Option<std::fs::File>,
+    ) -> Result<serde_json::Value, String> {
         req.validate(self.config.block.len())?;
         match req {
             ControlRequest::BlockAttach {
@@ -172,7 +176,7 @@ impl ControlTarget for MachineControl {
             } => {
                 let dc = self.device_control()?;
                 return dc
-                    .block_attach(*slot, path, *read_only)
+                    .block_attach(*slot, path, *read_only, file)
                     .map(|()| serde_json::json!({}));
             }
             ControlRequest::BlockDetach { slot } => {
@@ -377,6 +381,8 @@ pub fn run(
     add_devices: Option<DeviceHook<'_>>,
 ) -> Result<VmExitReason, MachineError> {
     config.validate()?;
+    // Opened now: a jailed VMM cannot open it later.
+    let _ = crate::metrics::proc_status();
     let kvm = Kvm::new().map_err(MachineError::OpenKvm)?;
     check_capabilities(&kvm)?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -459,7 +465,7 @@ pub fn run(
     let (vcpu_filter, loop_filter) = if config.seccomp {
         (
             Some(Arc::new(seccomp::vcpu_filter()?)),
-            Some(seccomp::event_loop_filter()?),
+            Some(seccomp::event_loop_filter(config.jail.is_some())?),
         )
     } else {
         (None, None)
@@ -509,6 +515,20 @@ pub fn run(
         event_manager.add_subscriber(server);
     }
 
+    // Everything the VM needs is open: confine the VMM before any guest
+    // instruction runs (the vCPU threads start next).
+    if let Some(jail) = &config.jail {
+        crate::jail::confine(jail).map_err(|source| MachineError::Os {
+            what: "jailing the VMM",
+            source: std::io::Error::other(crate::error_chain(&source)),
+        })?;
+        crate::log::info!(
+            "jailed: uid {} gid {}, root {}",
+            jail.uid,
+            jail.gid,
+            jail.root.display()
+        );
+    }
     let mut threads = Vec::new();
     for vcpu in vcpus {
         match vcpu.start() {
@@ -533,6 +553,9 @@ pub fn run(
         if let Err(e) = seccomp::apply(filter) {
             exit.request(VmExitReason::VmmError(e.to_string()));
         }
+    }
+    if let Some(target) = crate::jail::armed_probe() {
+        crate::jail::probe(target);
     }
     let reason = loop {
         if let Err(e) = event_manager.run_with_timeout(LOOP_TICK_MS) {

@@ -47,6 +47,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(target) = std::env::var_os("VMPOD_VMM_JAIL_PROBE") {
+        vmpod_vmm::jail::arm_probe(target.to_string_lossy().into_owned());
+    }
+    if cfg.jail.is_some() {
+        // From here on this is the VMM in its own PID namespace; the
+        // process that started it only waits (see `jail`).
+        if let Err(e) = vmpod_vmm::jail::enter_pid_namespace() {
+            eprintln!("vmpod vmm: {}", vmpod_vmm::error_chain(&e));
+            return ExitCode::from(1);
+        }
+    }
     match vmpod_vmm::run_with_devices(&cfg, started) {
         Ok(reason) => {
             eprintln!("vmpod vmm: {reason}");

@@ -111,8 +111,20 @@ pub fn should_log(n: u64) -> bool {
 
 /// Reads a `kB` field (`VmRSS`, `RssAnon`, ...) of /proc/self/status, in bytes.
 pub fn proc_status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_status_field(&status, field)
+    use std::os::unix::fs::FileExt;
+    let file = proc_status()?;
+    let mut buf = vec![0u8; 8192];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    parse_status_field(&String::from_utf8_lossy(&buf[..n]), field)
+}
+
+/// `/proc/self/status`, opened once: the first call (made at start-up,
+/// before the jail) keeps it for every later one.
+pub fn proc_status() -> Option<&'static std::fs::File> {
+    static STATUS: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    STATUS
+        .get_or_init(|| std::fs::File::open("/proc/self/status").ok())
+        .as_ref()
 }
 
 fn parse_status_field(status: &str, field: &str) -> Option<u64> {

@@ -64,17 +64,19 @@ const COMMON_SYSCALLS: &[i64] = &[
 /// Dropping the VcpuFd at thread exit closes it.
 const VCPU_SYSCALLS: &[i64] = &[libc::SYS_gettid, libc::SYS_getpid, libc::SYS_close];
 
-/// The event loop: epoll, the control socket, /proc reads for metrics,
-/// kicking vCPUs, removing the socket on exit.
+/// The event loop (which also serves the control socket and runs the
+/// device backends), jailed or not: epoll, the control socket (descriptors
+/// arrive with recvmsg), metrics (pread of the status file opened at
+/// start-up, mincore), kicking vCPUs.
 pub const EVENT_LOOP_SYSCALLS: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_accept4,
     libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_close,
-    libc::SYS_openat,
     libc::SYS_statx,
     libc::SYS_newfstatat,
     libc::SYS_fstat,
@@ -83,18 +85,26 @@ pub const EVENT_LOOP_SYSCALLS: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_getpid,
     libc::SYS_gettid,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
     libc::SYS_shutdown,
     // virtio-blk: reads, writes and flushes of the backing files.
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_fdatasync,
-    // vsock: the muxer's handshake-timeout timer; guest connections to
-    // host ports (`<uds>_<port>`; `socket` is limited to AF_UNIX below).
+    // vsock: the muxer's handshake-timeout timer.
     libc::SYS_timerfd_settime,
-    libc::SYS_connect,
     // virtio-net moves frames with read/write on the tap (in COMMON_SYSCALLS).
+];
+
+/// What only an unjailed event loop may do: open files by path (block
+/// attach by path), remove its sockets on exit, and connect to host
+/// listeners for guest-initiated vsock connections (`socket` is limited to
+/// AF_UNIX). A jailed VMM gets its disks as descriptors and makes no
+/// connections.
+const UNJAILED_EVENT_LOOP_SYSCALLS: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_connect,
 ];
 
 fn ioctl_rule(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
@@ -148,18 +158,70 @@ fn build(
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     build(
         &[COMMON_SYSCALLS, VCPU_SYSCALLS],
-        &[KVM_RUN, KVM_GET_REGS],
+        allowed_ioctls(ThreadKind::Vcpu),
         Vec::new(),
     )
 }
 
-/// The filter for the event-loop thread.
-pub fn event_loop_filter() -> Result<BpfProgram, SeccompError> {
-    build(
-        &[COMMON_SYSCALLS, EVENT_LOOP_SYSCALLS],
-        &[FIONBIO],
-        vec![(libc::SYS_socket, unix_socket_rule()?)],
-    )
+/// The filter for the event-loop thread; `jailed`: without
+/// [`UNJAILED_EVENT_LOOP_SYSCALLS`] and `socket`.
+pub fn event_loop_filter(jailed: bool) -> Result<BpfProgram, SeccompError> {
+    if jailed {
+        build(
+            &[COMMON_SYSCALLS, EVENT_LOOP_SYSCALLS],
+            &[FIONBIO],
+            Vec::new(),
+        )
+    } else {
+        build(
+            &[
+                COMMON_SYSCALLS,
+                EVENT_LOOP_SYSCALLS,
+                UNJAILED_EVENT_LOOP_SYSCALLS,
+            ],
+            &[FIONBIO],
+            vec![(libc::SYS_socket, unix_socket_rule()?)],
+        )
+    }
+}
+
+/// The threads the VMM filters, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    Vcpu,
+    /// The main thread: event loop, control socket, device backends.
+    EventLoop {
+        jailed: bool,
+    },
+}
+
+/// Every syscall `kind`'s filter allows (some with argument conditions:
+/// `ioctl` only with the requests of [`allowed_ioctls`], `socket` only for
+/// AF_UNIX), sorted: what the tests compare against the expected lists.
+pub fn allowed_syscalls(kind: ThreadKind) -> Vec<i64> {
+    let mut out: Vec<i64> = match kind {
+        ThreadKind::Vcpu => [COMMON_SYSCALLS, VCPU_SYSCALLS].concat(),
+        ThreadKind::EventLoop { jailed: true } => [COMMON_SYSCALLS, EVENT_LOOP_SYSCALLS].concat(),
+        ThreadKind::EventLoop { jailed: false } => [
+            COMMON_SYSCALLS,
+            EVENT_LOOP_SYSCALLS,
+            UNJAILED_EVENT_LOOP_SYSCALLS,
+            &[libc::SYS_socket],
+        ]
+        .concat(),
+    };
+    out.push(libc::SYS_ioctl);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The ioctl requests `kind`'s filter allows.
+pub fn allowed_ioctls(kind: ThreadKind) -> &'static [u64] {
+    match kind {
+        ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS],
+        ThreadKind::EventLoop { .. } => &[FIONBIO],
+    }
 }
 
 /// Installs `filter` on the calling thread (and threads it creates later).
@@ -174,7 +236,117 @@ mod tests {
     #[test]
     fn filters_compile() {
         assert!(vcpu_filter().unwrap().len() > 10);
-        assert!(event_loop_filter().unwrap().len() > 10);
+        assert!(event_loop_filter(false).unwrap().len() > 10);
+        assert!(event_loop_filter(true).unwrap().len() > 10);
+    }
+
+    /// The allow-lists, enumerated: a syscall added to or dropped from a
+    /// filter must be added or dropped here too, on purpose.
+    #[test]
+    fn the_filters_allow_exactly_the_expected_syscalls() {
+        use libc::*;
+        let common = [
+            SYS_brk,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_mremap,
+            SYS_madvise,
+            SYS_mprotect,
+            SYS_futex,
+            SYS_rt_sigreturn,
+            SYS_rt_sigprocmask,
+            SYS_sigaltstack,
+            SYS_sched_yield,
+            SYS_clock_gettime,
+            SYS_clock_nanosleep,
+            SYS_nanosleep,
+            SYS_getrandom,
+            SYS_exit,
+            SYS_exit_group,
+            SYS_read,
+            SYS_write,
+            SYS_writev,
+            SYS_fcntl,
+            SYS_ioctl,
+        ];
+        let sorted = |extra: &[i64]| {
+            let mut v: Vec<i64> = common.iter().chain(extra).copied().collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        assert_eq!(
+            allowed_syscalls(ThreadKind::Vcpu),
+            sorted(&[SYS_gettid, SYS_getpid, SYS_close])
+        );
+        let jailed_loop = [
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_epoll_ctl,
+            SYS_accept4,
+            SYS_recvfrom,
+            SYS_recvmsg,
+            SYS_sendto,
+            SYS_close,
+            SYS_statx,
+            SYS_newfstatat,
+            SYS_fstat,
+            SYS_lseek,
+            SYS_mincore,
+            SYS_tgkill,
+            SYS_getpid,
+            SYS_gettid,
+            SYS_shutdown,
+            SYS_pread64,
+            SYS_pwrite64,
+            SYS_fdatasync,
+            SYS_timerfd_settime,
+        ];
+        assert_eq!(
+            allowed_syscalls(ThreadKind::EventLoop { jailed: true }),
+            sorted(&jailed_loop)
+        );
+        let mut unjailed = jailed_loop.to_vec();
+        unjailed.extend([
+            SYS_openat,
+            SYS_unlink,
+            SYS_unlinkat,
+            SYS_connect,
+            SYS_socket,
+        ]);
+        assert_eq!(
+            allowed_syscalls(ThreadKind::EventLoop { jailed: false }),
+            sorted(&unjailed)
+        );
+        // What a jailed VMM must never get back.
+        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop { jailed: true }] {
+            let allowed = allowed_syscalls(kind);
+            for nr in [
+                SYS_openat,
+                SYS_open,
+                SYS_socket,
+                SYS_connect,
+                SYS_unlink,
+                SYS_unlinkat,
+                SYS_ptrace,
+                SYS_execve,
+                SYS_fork,
+                SYS_clone,
+                SYS_clone3,
+                SYS_setuid,
+                SYS_mount,
+                SYS_unshare,
+                SYS_setns,
+                SYS_process_vm_writev,
+            ] {
+                assert!(!allowed.contains(&nr), "{kind:?} allows syscall {nr}");
+            }
+        }
+        assert_eq!(allowed_ioctls(ThreadKind::Vcpu), &[KVM_RUN, KVM_GET_REGS]);
+        assert_eq!(
+            allowed_ioctls(ThreadKind::EventLoop { jailed: true }),
+            &[FIONBIO]
+        );
     }
 
     #[test]

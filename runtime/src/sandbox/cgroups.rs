@@ -19,6 +19,22 @@ pub struct CgroupError {
 /// kubelet's pod cgroup, when it names one) sees the VM. cpuset cgroups
 /// start empty in cgroup v1 and take their parent's CPUs and memory nodes.
 pub fn join_cgroups(parent: &str, pids: &[i32]) -> Result<(), CgroupError> {
+    for procs in prepare(parent)? {
+        for pid in pids {
+            std::fs::write(&procs, pid.to_string()).map_err(|e| CgroupError {
+                path: procs.clone(),
+                source: e,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the pod's cgroup `parent` in every hierarchy (cpuset levels
+/// filled in from their parents) and returns each one's `cgroup.procs`:
+/// what a process writes `0` into to join it itself (a VMM does, before it
+/// runs, so the VMM its jailer forks starts inside).
+pub fn prepare(parent: &str) -> Result<Vec<PathBuf>, CgroupError> {
     let rel = parent.trim_start_matches('/');
     let mut roots: Vec<PathBuf> = Vec::new();
     if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
@@ -35,6 +51,7 @@ pub fn join_cgroups(parent: &str, pids: &[i32]) -> Result<(), CgroupError> {
         path: path.to_path_buf(),
         source: e,
     };
+    let mut out = Vec::new();
     for root in roots {
         let dir = root.join(rel);
         // Create level by level so cpuset levels inherit as they appear.
@@ -58,9 +75,44 @@ pub fn join_cgroups(parent: &str, pids: &[i32]) -> Result<(), CgroupError> {
                 }
             }
         }
-        let procs = dir.join("cgroup.procs");
-        for pid in pids {
-            std::fs::write(&procs, pid.to_string()).map_err(|e| err(&procs, e))?;
+        out.push(dir.join("cgroup.procs"));
+    }
+    Ok(out)
+}
+
+/// Limits a pod cgroup that holds only a VMM: its memory (guest RAM plus
+/// the VMM's own) and its number of tasks. cgroup v1 (memory, pids
+/// hierarchies) or v2. A limit whose file is missing (controller not
+/// mounted) is skipped; one the kernel refuses is an error.
+pub fn limit_vmm(parent: &str, memory_bytes: u64, pids: u32) -> Result<(), CgroupError> {
+    let rel = parent.trim_start_matches('/');
+    let unified = Path::new("/sys/fs/cgroup/cgroup.procs").exists();
+    let files: [(PathBuf, String); 2] = if unified {
+        let dir = Path::new("/sys/fs/cgroup").join(rel);
+        [
+            (dir.join("memory.max"), memory_bytes.to_string()),
+            (dir.join("pids.max"), pids.to_string()),
+        ]
+    } else {
+        [
+            (
+                Path::new("/sys/fs/cgroup/memory")
+                    .join(rel)
+                    .join("memory.limit_in_bytes"),
+                memory_bytes.to_string(),
+            ),
+            (
+                Path::new("/sys/fs/cgroup/pids").join(rel).join("pids.max"),
+                pids.to_string(),
+            ),
+        ]
+    };
+    for (file, value) in files {
+        if file.exists() {
+            std::fs::write(&file, &value).map_err(|e| CgroupError {
+                path: file.clone(),
+                source: e,
+            })?;
         }
     }
     Ok(())

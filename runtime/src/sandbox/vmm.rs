@@ -52,9 +52,12 @@ use vmpod_vmm::config::{
     BlockSlotConfig, NetConfig, SerialConfig, VmmConfig, VsockConfig, block_slot_serial,
 };
 use vmpod_vmm::control::{CallError, ControlRequest, PROTOCOL_VERSION};
+use vmpod_vmm::jail::JailConfig;
 
 /// The VMM's configuration file in the sandbox dir.
 pub const CONFIG_FILE: &str = "vmm.json";
+/// The jailed VMM's (empty) root in the sandbox dir.
+pub const JAIL_ROOT: &str = "jail";
 /// The VMM's stderr in the sandbox dir.
 pub const VMM_LOG: &str = "vmm.log";
 /// The control socket in the sandbox's socket dir.
@@ -66,6 +69,11 @@ pub const CONTROL_SOCKET: &str = "vmm.sock";
 /// i8042 has neither).
 pub const GUEST_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=-1 \
                                  i8042.noaux i8042.nomux i8042.dumbkbd";
+/// The VMM's own memory beyond guest RAM that its cgroup allows (its
+/// binary, device buffers, page tables; an idle VMM uses ~4 MiB).
+const VMM_MEMORY_OVERHEAD: u64 = 128 << 20;
+/// Tasks a VMM's cgroup allows beyond one per vCPU.
+const VMM_SPARE_TASKS: u32 = 16;
 /// How long the VMM gets to build the VM and answer on its control socket.
 const VMM_START: Duration = Duration::from_secs(10);
 /// The bound on one control-socket request.
@@ -89,6 +97,14 @@ pub enum VmmError {
     Spawn(#[from] crate::process::SpawnError),
     #[error(transparent)]
     Control(#[from] CallError),
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroups::CgroupError),
+    #[error("opening the disk {path} to pass it to the VMM")]
+    OpenDisk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "the VMM speaks control protocol {found:?}, this daemon {expected} \
          (install vmpod and vmpod-vmm from the same build)"
@@ -106,6 +122,22 @@ pub fn vmm_config(
     handler: &Handler,
     nic: Option<&GuestNic>,
 ) -> Result<VmmConfig, SandboxError> {
+    // The jail's root: an empty directory in the sandbox dir. Its uid/gid
+    // are derived from the sandbox ID (the dir's name).
+    let jail = handler.jail().then(|| {
+        let id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (uid, gid) = handler.vmm_ids(&id);
+        JailConfig {
+            root: dir.join(JAIL_ROOT),
+            uid,
+            gid,
+            // Without a NIC the VMM needs no network at all.
+            new_netns: nic.is_none(),
+        }
+    });
     let (kernel, initramfs) = vm::guest_files(handler)?;
     let vcpus = u8::try_from(handler.base_vcpus()).map_err(|_| {
         SandboxError::Invalid(format!("{} vCPUs is too many", handler.base_vcpus()))
@@ -140,6 +172,7 @@ pub fn vmm_config(
         }),
         control_socket: Some(sockets.join(CONTROL_SOCKET)),
         seccomp: true,
+        jail,
     };
     cfg.validate().map_err(VmmError::Config)?;
     Ok(cfg)
@@ -147,9 +180,16 @@ pub fn vmm_config(
 
 /// Writes `cfg` to `<dir>/vmm.json` and starts `vmpod-vmm --config` on it
 /// in its own session (in `netns`, where its tap is, when the pod has a
-/// network), stderr to `<dir>/vmm.log`. Returns its PID.
-pub fn spawn_vmm(dir: &Path, cfg: &VmmConfig, netns: Option<&Path>) -> Result<i32, VmmError> {
-    spawn_vmm_with(&crate::vmm_binary(), dir, cfg, netns)
+/// network; in the pod's cgroup `cgroup` from its first instruction),
+/// stderr to `<dir>/vmm.log`. Returns its PID: with a jail, the process
+/// that waits for the jailed VMM and ends with it.
+pub fn spawn_vmm(
+    dir: &Path,
+    cfg: &VmmConfig,
+    netns: Option<&Path>,
+    cgroup: Option<&str>,
+) -> Result<i32, VmmError> {
+    spawn_vmm_with(&crate::vmm_binary(), dir, cfg, netns, cgroup)
 }
 
 /// [`spawn_vmm`] with the `vmpod-vmm` binary given (tests run their build).
@@ -158,6 +198,7 @@ pub fn spawn_vmm_with(
     dir: &Path,
     cfg: &VmmConfig,
     netns: Option<&Path>,
+    cgroup: Option<&str>,
 ) -> Result<i32, VmmError> {
     let path = dir.join(CONFIG_FILE);
     let json = serde_json::to_vec_pretty(cfg).map_err(|e| VmmError::WriteConfig {
@@ -168,12 +209,26 @@ pub fn spawn_vmm_with(
         path: path.clone(),
         source,
     })?;
+    if let Some(jail) = &cfg.jail {
+        std::fs::create_dir_all(&jail.root).map_err(|source| VmmError::WriteConfig {
+            path: jail.root.clone(),
+            source,
+        })?;
+    }
+    let cgroups = match cgroup {
+        Some(parent) => super::cgroups::prepare(parent)?,
+        None => Vec::new(),
+    };
     let mut cmd = std::process::Command::new(vmm);
-    cmd.arg("--config").arg(&path);
-    Ok(crate::process::spawn_detached(
+    cmd.arg("--config")
+        .arg(&path)
+        // The jail's test hook is for tests that start the VMM themselves.
+        .env_remove("VMPOD_VMM_JAIL_PROBE");
+    Ok(crate::process::spawn_detached_in(
         cmd,
         netns,
         &dir.join(VMM_LOG),
+        &cgroups,
     )?)
 }
 
@@ -195,6 +250,27 @@ async fn control_async(
                 message: format!("the control thread failed: {e}"),
             }))
         })
+}
+
+/// Attaches the disk at `path` read-only to block slot `slot`: the daemon
+/// opens it and passes the descriptor (a jailed VMM opens no paths).
+pub fn attach_disk(socket: &Path, slot: usize, path: &Path) -> Result<serde_json::Value, VmmError> {
+    use std::os::fd::AsFd;
+    let disk = std::fs::File::open(path).map_err(|source| VmmError::OpenDisk {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let request = ControlRequest::BlockAttach {
+        slot,
+        path: path.to_path_buf(),
+        read_only: true,
+    };
+    Ok(vmpod_vmm::control::call_with_fd(
+        socket,
+        &request,
+        Some(disk.as_fd()),
+        CONTROL_TIMEOUT,
+    )?)
 }
 
 /// Waits until the VMM answers `status` on its control socket. Errors (with
@@ -287,6 +363,10 @@ pub async fn end_vmm(socket: &Path, vmm: Proc, timeout: Duration) {
         }
     }
     vmm.end(timeout + SHUTDOWN_MARGIN).await;
+    // A jailed VMM cannot remove its sockets (it no longer sees them).
+    for path in [socket.to_path_buf(), socket.with_file_name(VSOCK_SOCKET)] {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The slot a serial of ours names (`vmpod-slot<N>`).
@@ -351,12 +431,24 @@ impl SandboxBackend for VmmState {
         undo.push(Step::RemoveCgroups {
             parent: spec.cgroup_parent.to_string(),
         });
-        let pid = spawn_vmm(dir, &cfg, nic.as_ref().map(|n| n.netns.as_path()))?;
+        let pid = spawn_vmm(
+            dir,
+            &cfg,
+            nic.as_ref().map(|n| n.netns.as_path()),
+            Some(spec.cgroup_parent),
+        )?;
         let vmm = Proc::of(pid);
         if let Some(process) = vmm {
             undo.push(Step::End { process });
         }
-        super::cgroups::join_cgroups(spec.cgroup_parent, &[pid])?;
+        // The pod cgroup holds only the VMM: bound its memory (guest RAM
+        // plus the VMM's own) and its tasks (vCPU threads, the event loop,
+        // the waiting parent, a few spare).
+        super::cgroups::limit_vmm(
+            spec.cgroup_parent,
+            (u64::from(cfg.memory_mib) << 20) + VMM_MEMORY_OVERHEAD,
+            u32::from(cfg.vcpus) + VMM_SPARE_TASKS,
+        )?;
         let state = VmmState {
             vmm,
             control_socket: sockets.join(CONTROL_SOCKET),
@@ -488,15 +580,15 @@ impl VmmState {
                 })?
             }
         };
-        control_async(
-            self.control_socket.clone(),
-            ControlRequest::BlockAttach {
-                slot,
-                path: image.erofs_path.clone(),
-                read_only: true,
-            },
-        )
-        .await?;
+        let (socket, path) = (self.control_socket.clone(), image.erofs_path.clone());
+        tokio::task::spawn_blocking(move || attach_disk(&socket, slot, &path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(VmmError::Control(CallError::Refused {
+                    op: "block_attach",
+                    message: format!("the control thread failed: {e}"),
+                }))
+            })?;
         let serial = block_slot_serial(slot);
         self.image_disks.insert(image.id.clone(), serial.clone());
         tracing::info!(image = %image.id, slot, "image disk attached");
@@ -649,13 +741,20 @@ mod tests {
         }
     }
 
+    /// An image whose disk exists (the daemon opens it to pass it on).
     fn image(id: &str) -> ResolvedImage {
+        let erofs_path = disk_path(id);
+        std::fs::write(&erofs_path, b"erofs").unwrap();
         ResolvedImage {
             id: id.into(),
             name: format!("localhost/{id}:latest"),
-            erofs_path: PathBuf::from(format!("/images/{id}.erofs")),
+            erofs_path,
             config: Default::default(),
         }
+    }
+
+    fn disk_path(id: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmpod-unit-{}-{id}.erofs", std::process::id()))
     }
 
     /// A VM of `slots` slots whose VMM is a fake.
@@ -705,7 +804,7 @@ mod tests {
         assert_eq!(
             fake.take(),
             vec![serde_json::json!({"op": "block_attach", "slot": 0,
-                "path": "/images/a.erofs", "read_only": true})]
+                "path": disk_path("a"), "read_only": true})]
         );
         // A second container of the same image needs nothing new.
         expose(&mut s, "a", &["a"]).await.unwrap();
@@ -750,7 +849,7 @@ mod tests {
             vec![
                 serde_json::json!({"op": "block_detach", "slot": 0}),
                 serde_json::json!({"op": "block_attach", "slot": 0,
-                    "path": "/images/b.erofs", "read_only": true}),
+                    "path": disk_path("b"), "read_only": true}),
             ]
         );
         assert_eq!(s.image_disks.len(), 1);

@@ -13,7 +13,7 @@ use std::time::Instant;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use super::virtio::block::{Block, BlockError};
+use super::virtio::block::{Block, BlockError, DiskFile};
 use super::virtio::mmio::MmioError;
 use super::virtio::net::{Net, NetError};
 use super::virtio::rng::{Rng, RngError, Urandom};
@@ -166,17 +166,28 @@ impl VirtioDevices {
 }
 
 impl DeviceControl for VirtioDevices {
-    fn block_attach(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), String> {
-        let mut block = self
-            .block(slot)?
+    fn block_attach(
+        &self,
+        slot: usize,
+        path: &Path,
+        read_only: bool,
+        file: Option<std::fs::File>,
+    ) -> Result<(), String> {
+        let disk = match file {
+            Some(file) => DiskFile::from_file(file, path, read_only),
+            None if crate::jail::is_jailed() => {
+                return Err(
+                    "a jailed VMM opens no paths: send the disk as a file descriptor".into(),
+                );
+            }
+            None => DiskFile::open(path, read_only),
+        }
+        .map_err(|e| crate::error_chain(&e))?;
+        self.block(slot)?
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let r = if block.is_attached() {
-            block.replace(path, read_only)
-        } else {
-            block.attach(path, read_only)
-        };
-        r.map_err(|e| crate::error_chain(&e))
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_backend(Some(Box::new(disk)));
+        Ok(())
     }
 
     fn block_detach(&self, slot: usize) -> Result<(), String> {
@@ -275,18 +286,34 @@ mod tests {
         assert_eq!((cap(0), cap(1)), (4096, 0));
         let other = dir.path().join("other.img");
         std::fs::write(&other, vec![1u8; 8192]).unwrap();
-        devices.block_attach(1, &other, false).unwrap();
+        devices.block_attach(1, &other, false, None).unwrap();
         assert_eq!(cap(1), 8192);
         // Replacing a full slot works the same way.
-        devices.block_attach(0, &other, true).unwrap();
+        devices.block_attach(0, &other, true, None).unwrap();
         assert_eq!(cap(0), 8192);
         devices.block_detach(1).unwrap();
         assert_eq!(cap(1), 0);
         assert!(devices.block_detach(1).is_err(), "detaching an empty slot");
-        assert!(devices.block_attach(2, &other, false).is_err());
+        assert!(devices.block_attach(2, &other, false, None).is_err());
         let missing = devices
-            .block_attach(1, &dir.path().join("missing"), false)
+            .block_attach(1, &dir.path().join("missing"), false, None)
             .unwrap_err();
         assert!(missing.contains("missing"), "{missing}");
+
+        // A descriptor the daemon passed instead of a path (what a jailed
+        // VMM needs): the path is only its name.
+        let third = dir.path().join("third.img");
+        std::fs::write(&third, vec![2u8; 12288]).unwrap();
+        let ro = std::fs::File::open(&third).unwrap();
+        devices
+            .block_attach(1, Path::new("/not/opened"), true, Some(ro))
+            .unwrap();
+        assert_eq!(cap(1), 12288);
+        // A writable disk needs a descriptor opened for writing.
+        let ro = std::fs::File::open(&third).unwrap();
+        let err = devices
+            .block_attach(1, Path::new("third.img"), false, Some(ro))
+            .unwrap_err();
+        assert!(err.contains("opened for writing"), "{err}");
     }
 }

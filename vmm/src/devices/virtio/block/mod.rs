@@ -122,6 +122,31 @@ impl DiskFile {
             .write(!read_only)
             .open(path)
             .map_err(err)?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// A disk on an open file (`path` names it in messages). A read-only
+    /// disk is enforced here whatever the descriptor allows; a writable one
+    /// needs a descriptor opened for writing.
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let err = |source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !read_only {
+            // SAFETY: F_GETFL on a descriptor `file` owns; no memory passed.
+            let flags =
+                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+            if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "a writable disk needs a descriptor opened for writing",
+                )));
+            }
+        }
         // Works for regular files and block devices alike.
         let len = {
             use std::io::Seek;

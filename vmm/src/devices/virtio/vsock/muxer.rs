@@ -469,6 +469,14 @@ impl HybridMuxer {
 
     fn connect_host(&self, port: u32) -> io::Result<UnixStream> {
         use std::os::unix::ffi::OsStrExt;
+        // A jailed VMM creates no sockets: guest connections to host ports
+        // are refused (the agent only listens; the host always connects).
+        if crate::jail::is_jailed() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a jailed VMM makes no host connections",
+            ));
+        }
         let path = format!("{}_{}", self.uds_path.display(), port);
         // SAFETY: sockaddr_un is plain old data; all zeroes is valid.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -647,7 +655,10 @@ impl VsockBackend for HybridMuxer {
 
 impl Drop for HybridMuxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        // A jailed VMM cannot see the path (and may not unlink).
+        if !crate::jail::is_jailed() {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
