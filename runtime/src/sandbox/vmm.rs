@@ -127,6 +127,8 @@ pub fn vmm_config(
             slots
         ],
         net: None,
+        fs: None,
+        shared_memory: false,
         serial: Some(SerialConfig {
             path: dir.join(CONSOLE_LOG),
         }),
