@@ -17,8 +17,9 @@
 //! messages in order, so the reply proves it applied everything before it:
 //! without that, a guest kick right after DRIVER_OK can reach virtiofsd's
 //! worker while the rings are still the old ones, and be lost. A backend
-//! that stopped reading or answering turns into an error, never into a
-//! blocked vCPU. Syscalls: `poll`, `sendmsg`, `read`.
+//! that stopped reading or answering turns into an error after at most
+//! that long, never into a vCPU blocked for good. Syscalls: `poll`,
+//! `sendmsg`, `read`.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
