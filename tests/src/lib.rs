@@ -178,6 +178,8 @@ pub mod vmm {
             vsock: None,
             block: vec![],
             net: None,
+            fs: None,
+            shared_memory: false,
             serial: Some(SerialConfig {
                 path: dir.join("serial.log"),
             }),

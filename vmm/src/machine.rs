@@ -12,7 +12,7 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::{self, EBDA_START, boot, cpuid, mptable, regs};
@@ -264,14 +264,66 @@ fn check_capabilities(kvm: &Kvm) -> Result<(), MachineError> {
     }
 }
 
-/// Creates guest memory (anonymous, private, populated on first touch) and
-/// registers it with KVM.
-fn create_memory(vm: &VmFd, memory_bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
+/// Guest RAM over `ranges`, populated on first touch. Private anonymous
+/// memory unless `shared`: then each range is a sealed memfd mapped
+/// MAP_SHARED, which a vhost-user backend (virtiofsd) can map as well.
+pub fn guest_memory(
+    ranges: &[(GuestAddress, usize)],
+    shared: bool,
+) -> Result<GuestMemoryMmap, MachineError> {
+    if !shared {
+        return GuestMemoryMmap::from_ranges(ranges).map_err(MachineError::Memory);
+    }
+    let with_files = ranges
+        .iter()
+        .map(|&(start, len)| Ok((start, len, Some(FileOffset::new(guest_ram_memfd(len)?, 0)))))
+        .collect::<Result<Vec<_>, MachineError>>()?;
+    GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(MachineError::Memory)
+}
+
+/// A memfd of `len` bytes for one RAM range. Sealed against resizing: the
+/// backend gets this fd, and a shrunk file would turn the VMM's next access
+/// to guest memory into a SIGBUS.
+fn guest_ram_memfd(len: usize) -> Result<File, MachineError> {
+    use std::os::fd::FromRawFd;
+    let os = |what| move |source| MachineError::Os { what, source };
+    // SAFETY: the name is a NUL-terminated literal; the flags are valid.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmpod-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(os("creating a memfd for guest RAM")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64)
+        .map_err(os("sizing the guest RAM memfd"))?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an fd we own, with an int argument.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(os("sealing the guest RAM memfd")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}
+
+/// Creates guest memory (see [`guest_memory`]) and registers it with KVM.
+fn create_memory(
+    vm: &VmFd,
+    memory_bytes: u64,
+    shared: bool,
+) -> Result<GuestMemoryMmap, MachineError> {
     let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(memory_bytes)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(MachineError::Memory)?;
+    let memory = guest_memory(&ranges, shared)?;
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
@@ -401,7 +453,7 @@ pub fn run(
         started.elapsed().as_micros()
     );
     let memory_bytes = config.memory_bytes();
-    let memory = Arc::new(create_memory(&vm, memory_bytes)?);
+    let memory = Arc::new(create_memory(&vm, memory_bytes, config.memory_is_shared())?);
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
     let initramfs = match &config.initramfs {
         Some(path) => Some(boot::load_initramfs(
@@ -603,6 +655,30 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn private_memory_by_default_shared_memfds_on_request() {
+        let ranges = [(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 2 << 20)];
+        let private = super::guest_memory(&ranges, false).unwrap();
+        assert!(private.iter().all(|r| r.file_offset().is_none()));
+
+        let shared = super::guest_memory(&ranges, true).unwrap();
+        assert_eq!(shared.num_regions(), 2);
+        for region in shared.iter() {
+            let fo = region.file_offset().expect("shared RAM is file-backed");
+            assert_eq!(fo.file().metadata().unwrap().len(), region.len());
+            // A backend cannot shrink it under the VMM.
+            assert!(fo.file().set_len(0).is_err(), "memfd not sealed");
+        }
+        // What the guest writes is in the file: what a backend maps sees it.
+        shared.write_obj(0xabcd_u16, GuestAddress(4 << 20)).unwrap();
+        let fo = shared.iter().nth(1).unwrap().file_offset().unwrap();
+        let mut b = [0u8; 2];
+        std::os::unix::fs::FileExt::read_exact_at(fo.file(), &mut b, 0).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 0xabcd);
+    }
+
     #[test]
     fn the_console_log_never_passes_its_cap() {
         use std::io::Write;

@@ -5,7 +5,9 @@
 //!
 //! On by default (`"seccomp": false` in the VM config turns it off, for
 //! debugging). The device backends that run in the event loop (vsock, blk,
-//! net, rng) have their syscalls in [`EVENT_LOOP_SYSCALLS`];
+//! net, rng) have their syscalls in [`EVENT_LOOP_SYSCALLS`]; virtio-fs relays
+//! its backend's calls there with `read`/`write` on eventfds, and talks to
+//! the backend from the vCPU thread that activates it (`VCPU_SYSCALLS`);
 //! `tests/tests/vmm_seccomp.rs` runs the devices under the filters.
 
 use std::collections::BTreeMap;
@@ -62,7 +64,16 @@ const COMMON_SYSCALLS: &[i64] = &[
 
 /// vCPU threads: eventfd writes (irqfds, reset), serial output, PIO/MMIO exits.
 /// Dropping the VcpuFd at thread exit closes it.
-const VCPU_SYSCALLS: &[i64] = &[libc::SYS_gettid, libc::SYS_getpid, libc::SYS_close];
+const VCPU_SYSCALLS: &[i64] = &[
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_close,
+    // virtio-fs: the driver's DRIVER_OK or reset, trapped on this thread,
+    // (re)starts or stops the vhost-user backend's rings: a `poll` for room
+    // on the socket, then messages (some with eventfds) sent, none awaited.
+    libc::SYS_poll,
+    libc::SYS_sendmsg,
+];
 
 /// The event loop (which also serves the control socket and runs the
 /// device backends), jailed or not: epoll, the control socket (descriptors
@@ -277,7 +288,7 @@ mod tests {
         };
         assert_eq!(
             allowed_syscalls(ThreadKind::Vcpu),
-            sorted(&[SYS_gettid, SYS_getpid, SYS_close])
+            sorted(&[SYS_gettid, SYS_getpid, SYS_close, SYS_poll, SYS_sendmsg])
         );
         let jailed_loop = [
             SYS_epoll_wait,

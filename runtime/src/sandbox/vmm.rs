@@ -167,6 +167,8 @@ pub fn vmm_config(
             tap: n.tap.clone(),
             mac: n.mac.clone(),
         }),
+        fs: None,
+        shared_memory: false,
         serial: Some(SerialConfig {
             path: dir.join(CONSOLE_LOG),
         }),

@@ -3,8 +3,8 @@
 //! control socket needs (block slots, per-device counters).
 //!
 //! Order on the MMIO bus (and so on the kernel command line): rng, vsock,
-//! the block slots in slot order, net. The guest finds them by DeviceID, not
-//! by position.
+//! the block slots in slot order, net, fs. The guest finds them by DeviceID
+//! (and virtio-fs by its tag), not by position.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,6 +14,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::virtio::block::{Block, BlockError, DiskFile};
+use super::virtio::fs::{Fs, FsError};
 use super::virtio::mmio::MmioError;
 use super::virtio::net::{Net, NetError};
 use super::virtio::rng::{Rng, RngError, Urandom};
@@ -42,6 +43,8 @@ pub enum BuilderError {
     },
     #[error("creating the virtio-net device")]
     Net(#[source] NetError),
+    #[error("creating the virtio-fs device")]
+    Fs(#[source] FsError),
     #[error("the net MAC {0:?} is invalid")]
     Mac(String),
     #[error("creating the virtio-mmio transport of {0}")]
@@ -155,6 +158,12 @@ impl VirtioDevices {
                 Arc::new(Mutex::new(net)),
             )?);
         }
+        if let Some(f) = &config.fs {
+            // Connects and hands virtiofsd guest memory now, before seccomp
+            // (which forbids `connect`) and before any vCPU runs.
+            let fs = Fs::vhost_user(f, mem).map_err(BuilderError::Fs)?;
+            transports.push(add(vm, dm, em, mem, "fs".into(), Arc::new(Mutex::new(fs)))?);
+        }
         Ok(Self { blocks, transports })
     }
 
@@ -259,6 +268,25 @@ mod tests {
                 c
             })
             .unwrap()
+    }
+
+    /// virtio-fs needs guest memory the backend can map: with private
+    /// memory the build fails up front, naming the problem.
+    #[test]
+    fn fs_on_private_memory_fails_clearly() {
+        let mut cfg = VmmConfig::from_json(r#"{"vcpus":1,"memory_mib":64,"kernel":"k"}"#).unwrap();
+        cfg.fs = Some(crate::config::FsConfig {
+            socket: "/nonexistent/fs.sock".into(),
+            tag: "vmpod".into(),
+            queue_size: 256,
+        });
+        let kvm = FakeKvm::default();
+        let mut dm = DeviceManager::new();
+        let mut em = VmmEventManager::new().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let err = VirtioDevices::build(&cfg, &kvm, &mut dm, &mut em, &mem).unwrap_err();
+        let chain = crate::error_chain(&err);
+        assert!(chain.contains("not shared"), "{chain}");
     }
 
     #[test]

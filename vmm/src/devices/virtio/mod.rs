@@ -13,6 +13,7 @@
 pub mod block;
 pub mod chain;
 pub mod device_state;
+pub mod fs;
 pub mod fuzz_support;
 pub mod interrupt;
 pub mod log_limit;
@@ -38,6 +39,8 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 /// Socket device ID.
 pub const TYPE_VSOCK: u32 = 19;
+/// File system device ID.
+pub const TYPE_FS: u32 = 26;
 
 /// Device status bits (virtio 1.2, section 2.1).
 pub mod status {
@@ -149,6 +152,7 @@ mod tests {
     fn devices_are_transport_and_event_loop_ready() {
         fn both<T: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static>() {}
         both::<block::Block>();
+        both::<fs::Fs>();
         both::<net::Net>();
         both::<rng::Rng>();
         both::<vsock::Vsock>();

@@ -84,6 +84,12 @@ impl MockDriver {
     /// A fresh VM's memory with `device` behind a transport.
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Self::with_memory(device, mem)
+    }
+
+    /// `device` behind a transport over `mem` (at least [`MEM_SIZE`] from 0),
+    /// e.g. shared memory for a vhost-user device.
+    pub fn with_memory(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMemoryMmap) -> Self {
         let transport = MmioTransport::new(mem.clone(), device).unwrap();
         Self {
             transport,
