@@ -695,7 +695,8 @@ async fn the_vmpod_hypervisor_attaches_the_pods_nic() {
             .then_some(())
     })
     .await;
-    // The guest kernel is told about the NIC: vsock, rng, 2 block slots, net.
+    // The guest kernel is told about the NIC: vsock, rng, 2 block slots,
+    // net, and the share's fs.
     let console = dir.join("console.log");
     let cmdline = poll("the guest's command line", || {
         // The console is written as the guest prints: a whole line only.
@@ -707,7 +708,7 @@ async fn the_vmpod_hypervisor_attaches_the_pods_nic() {
     .await;
     assert_eq!(
         cmdline.matches("virtio_mmio.device=").count(),
-        5,
+        6,
         "{cmdline}"
     );
 

@@ -231,11 +231,27 @@ async fn runpodsandbox_starts_the_vmm_with_the_pods_config() {
         .lines()
         .find(|l| l.starts_with("Command line:"))
         .unwrap_or_else(|| panic!("no command line in {banner}"));
+    // vsock, rng, 4 block slots, and the pod share's virtio-fs.
     assert_eq!(
         cmdline.matches("virtio_mmio.device=").count(),
-        6,
+        7,
         "{cmdline}"
     );
+    // The share: virtiofsd on the pod's socket, which the VMM connected to
+    // (on guest RAM it shares with virtiofsd).
+    let fs = cfg
+        .fs
+        .as_ref()
+        .expect("a virtio-fs device in the VMM config");
+    assert_eq!(fs.socket, sockets.join("fs.sock"));
+    assert_eq!(fs.tag, "vmpod");
+    assert!(cfg.memory_is_shared());
+    poll("virtiofsd serving the VMM", || {
+        read(&dir.join("virtiofsd.log"))
+            .contains("Client connected")
+            .then_some(())
+    })
+    .await;
 
     // However the boot ends (boot timeout on PVM), the pod goes cleanly.
     let result = run.await.expect("the RunPodSandbox task");
@@ -356,14 +372,14 @@ async fn a_vm_that_ends_before_its_agent_answers_fails_at_once() {
     ] {
         assert!(msg.contains(needle), "{needle:?} missing in {msg}");
     }
-    // The guest saw the VMM's rng, vsock and both block slots.
+    // The guest saw the VMM's rng, vsock, both block slots and the share.
     let cmdline = msg
         .lines()
         .find(|l| l.starts_with("cmdline: "))
         .unwrap_or_else(|| panic!("no cmdline line in {msg}"));
     assert_eq!(
         cmdline.matches("virtio_mmio.device=").count(),
-        4,
+        5,
         "{cmdline}"
     );
     assert!(list_pods(&mut cri).await.is_empty());
@@ -453,7 +469,7 @@ async fn start_vmm(root: &Path, name: &str, elf: &Path, guest_mode: &str) -> Tes
     let (dir, sockets) = (root.join(name), root.join(format!("{name}.s")));
     std::fs::create_dir_all(&dir).expect("sandbox dir");
     std::fs::create_dir_all(&sockets).expect("socket dir");
-    let mut cfg = vmm_sandbox::vmm_config(&dir, &sockets, &h, None).expect("the VMM config");
+    let mut cfg = vmm_sandbox::vmm_config(&dir, &sockets, &h, None, None).expect("the VMM config");
     cfg.cmdline.push(' ');
     cfg.cmdline.push_str(guest_mode);
     let pid = vmm_sandbox::spawn_vmm_with(&vmm_binary(), &dir, &cfg, None, None)

@@ -219,6 +219,7 @@ impl SandboxRecordOnDisk {
                     });
                 Some(BackendState::Vmm(VmmState {
                     vmm: proc_of(self.vmm_pid),
+                    virtiofsd: None,
                     control_socket: sockets.join(vmm::CONTROL_SOCKET),
                     uds: self.agent_socket.clone(),
                     block_slots: slots,

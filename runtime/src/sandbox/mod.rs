@@ -140,6 +140,7 @@ pub fn readiness(handler: &Handler, agent_binary: &Path) -> Result<(), String> {
             kvm()?;
             let vmm = crate::vmm_binary();
             file("the VMM binary (vmpod-vmm)", &vmm)?;
+            program("virtiofsd")?;
             if handler.probe_kvm() {
                 kvm_probe(&vmm)
                     .map_err(|why| format!("{why} (probe_kvm = false skips this check)"))?;

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use vmpod_proto::v1::agent_client::AgentClient;
 
+use super::shared_fs::{self, Share};
 use super::vm::{self, CONSOLE_LOG, GUEST_CID, VSOCK_SOCKET};
 use super::{Exposed, Rollback, SandboxBackend, SandboxError, StartSpec, Started, Step};
 use crate::agent_client::{self, AgentAddr};
@@ -49,13 +50,18 @@ use crate::cri::store::MountRecord;
 use crate::network::tap::GuestNic;
 use crate::process::Proc;
 use vmpod_vmm::config::{
-    BlockSlotConfig, NetConfig, SerialConfig, VmmConfig, VsockConfig, block_slot_serial,
+    BlockSlotConfig, DEFAULT_FS_QUEUE_SIZE, FsConfig, NetConfig, SerialConfig, VmmConfig,
+    VsockConfig, block_slot_serial,
 };
 use vmpod_vmm::control::{CallError, ControlRequest, PROTOCOL_VERSION};
 use vmpod_vmm::jail::JailConfig;
 
 /// The VMM's configuration file in the sandbox dir.
 pub const CONFIG_FILE: &str = "vmm.json";
+/// virtiofsd's vhost-user socket in the sandbox's socket dir.
+pub const FS_SOCKET: &str = "fs.sock";
+/// virtiofsd's log in the sandbox dir.
+pub const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 /// The jailed VMM's (empty) root in the sandbox dir.
 pub const JAIL_ROOT: &str = "jail";
 /// The VMM's stderr in the sandbox dir.
@@ -121,6 +127,7 @@ pub fn vmm_config(
     sockets: &Path,
     handler: &Handler,
     nic: Option<&GuestNic>,
+    fs_socket: Option<&Path>,
 ) -> Result<VmmConfig, SandboxError> {
     // The jail's root: an empty directory in the sandbox dir. Its uid/gid
     // are derived from the sandbox ID (the dir's name).
@@ -167,7 +174,13 @@ pub fn vmm_config(
             tap: n.tap.clone(),
             mac: n.mac.clone(),
         }),
-        fs: None,
+        // The pod's share (CRI mounts) through virtiofsd; guest RAM is then
+        // shared memory, which virtiofsd maps.
+        fs: fs_socket.map(|socket| FsConfig {
+            socket: socket.to_path_buf(),
+            tag: shared_fs::TAG.into(),
+            queue_size: DEFAULT_FS_QUEUE_SIZE,
+        }),
         shared_memory: false,
         serial: Some(SerialConfig {
             path: dir.join(CONSOLE_LOG),
@@ -400,6 +413,10 @@ pub fn unused_disks(
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmmState {
     pub vmm: Option<Proc>,
+    /// The pod share's virtiofsd (pods from before the VMM had virtio-fs
+    /// have none).
+    #[serde(default)]
+    pub virtiofsd: Option<Proc>,
     pub control_socket: PathBuf,
     /// The hybrid-vsock socket.
     pub uds: PathBuf,
@@ -429,10 +446,28 @@ impl SandboxBackend for VmmState {
         if let (Some(netns), Some(result)) = (spec.netns, spec.addressed) {
             nic = Some(crate::network::tap::connect(netns, result).await?);
         }
-        let cfg = vmm_config(dir, sockets, spec.handler, nic.as_ref())?;
         undo.push(Step::RemoveCgroups {
             parent: spec.cgroup_parent.to_string(),
         });
+        // As on QEMU: the pod's share, exported by its own virtiofsd, which
+        // must listen before the VMM connects to it while it builds the VM.
+        // The share must exist before virtiofsd exports it; its mounts go
+        // after virtiofsd (steps run newest first).
+        undo.push(Step::TearDownShare {
+            dir: dir.to_path_buf(),
+        });
+        let share = Share::new(dir);
+        share.prepare()?;
+        let fs_socket = sockets.join(FS_SOCKET);
+        let virtiofsd = Proc::of(shared_fs::start_virtiofsd(
+            &share,
+            &fs_socket,
+            &dir.join(VIRTIOFSD_LOG),
+        )?);
+        if let Some(process) = virtiofsd {
+            undo.push(Step::End { process });
+        }
+        let cfg = vmm_config(dir, sockets, spec.handler, nic.as_ref(), Some(&fs_socket))?;
         let pid = spawn_vmm(
             dir,
             &cfg,
@@ -451,8 +486,12 @@ impl SandboxBackend for VmmState {
             (u64::from(cfg.memory_mib) << 20) + VMM_MEMORY_OVERHEAD,
             u32::from(cfg.vcpus) + VMM_SPARE_TASKS,
         )?;
+        if let Some(p) = virtiofsd {
+            super::cgroups::join_cgroups(spec.cgroup_parent, &[p.pid])?;
+        }
         let state = VmmState {
             vmm,
+            virtiofsd,
             control_socket: sockets.join(CONTROL_SOCKET),
             uds: sockets.join(VSOCK_SOCKET),
             block_slots: cfg.block.len(),
@@ -483,15 +522,21 @@ impl SandboxBackend for VmmState {
     }
 
     fn processes(&self) -> Vec<Proc> {
-        self.vital()
+        self.vital().into_iter().chain(self.virtiofsd).collect()
     }
 
-    async fn stop(&self, _dir: &Path, grace: Duration) -> Result<(), SandboxError> {
+    async fn stop(&self, dir: &Path, grace: Duration) -> Result<(), SandboxError> {
         // A guest ends by rebooting (reboot=k), which the VMM turns into
         // its exit; it is also asked through its control socket.
         if let Some(vmm) = self.vmm {
             end_vmm(&self.control_socket, vmm, grace).await;
         }
+        // virtiofsd ends when the VMM hangs up; make sure.
+        if let Some(p) = self.virtiofsd {
+            p.end(Duration::ZERO).await;
+        }
+        // Nothing reads the share once the VM is gone.
+        Share::new(dir).teardown()?;
         Ok(())
     }
 
@@ -499,8 +544,8 @@ impl SandboxBackend for VmmState {
     /// already. No volumes: this hypervisor has no shared filesystem yet.
     async fn expose(
         &mut self,
-        _dir: &Path,
-        _container_id: &str,
+        dir: &Path,
+        container_id: &str,
         image: &ResolvedImage,
         mounts: &[MountRecord],
         scratch: Option<&Path>,
@@ -513,22 +558,34 @@ impl SandboxBackend for VmmState {
                     .into(),
             ));
         }
-        if !mounts.is_empty() {
-            return Err(SandboxError::Precondition(
-                "the vmpod hypervisor has no shared filesystem yet, so containers with mounts \
-                 need a handler with hypervisor = \"qemu\""
-                    .into(),
-            ));
-        }
+        // CRI mounts go through the pod's virtio-fs share, as on QEMU.
+        let mount_sources = if mounts.is_empty() {
+            Vec::new()
+        } else {
+            if self.virtiofsd.is_none() {
+                return Err(SandboxError::Precondition(
+                    "this pod's VM was started before the vmpod VMM had a shared filesystem; \
+                     containers with mounts need a new pod"
+                        .into(),
+                ));
+            }
+            Share::new(dir)
+                .expose(container_id, mounts, None, None)?
+                .mount_sources
+        };
         let serial = self.attach(image, in_use).await?;
         Ok(Exposed {
             rootfs_source: format!("serial:{serial}"),
+            mount_sources,
             ..Default::default()
         })
     }
 
-    fn withdraw(&self, _dir: &Path, _container_id: &str) -> Result<(), SandboxError> {
-        Ok(())
+    fn withdraw(&self, dir: &Path, container_id: &str) -> Result<(), SandboxError> {
+        if self.virtiofsd.is_none() {
+            return Ok(());
+        }
+        Ok(Share::new(dir).withdraw(container_id)?)
     }
 
     /// Detaches the images no container of the pod uses. Errors are
@@ -622,7 +679,7 @@ mod tests {
         h.vcpus = Some(2);
         h.memory_mib = Some(300);
         let (dir, sockets) = (tmp.path().join("sb"), tmp.path().join("s"));
-        let cfg = vmm_config(&dir, &sockets, &h, None).unwrap();
+        let cfg = vmm_config(&dir, &sockets, &h, None, None).unwrap();
         assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 300));
         assert_eq!(cfg.kernel, kernel);
         assert_eq!(cfg.initramfs, Some(initramfs));
@@ -645,13 +702,13 @@ mod tests {
 
         // The file the VMM reads back is the same configuration.
         std::fs::create_dir_all(&dir).unwrap();
-        let cfg = vmm_config(&dir, &sockets, &h, None).unwrap();
+        let cfg = vmm_config(&dir, &sockets, &h, None, None).unwrap();
         let json = serde_json::to_string(&cfg).unwrap();
         assert_eq!(VmmConfig::from_json(&json).unwrap(), cfg);
 
         h.kernel = Some(tmp.path().join("missing"));
         assert!(matches!(
-            vmm_config(&dir, &sockets, &h, None),
+            vmm_config(&dir, &sockets, &h, None, None),
             Err(SandboxError::Precondition(_))
         ));
     }
@@ -765,6 +822,7 @@ mod tests {
         let fake = FakeVmm::start(&socket, slots as u64, fail);
         let state = VmmState {
             vmm: None,
+            virtiofsd: None,
             control_socket: socket,
             uds: tmp.join("vsock.sock"),
             block_slots: slots,
@@ -875,7 +933,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn volumes_are_refused_until_the_vmm_has_a_share() {
+    async fn volumes_are_refused_in_a_pod_started_without_a_share() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut s, fake) = state(tmp.path(), 2, false);
         let mount = MountRecord {
