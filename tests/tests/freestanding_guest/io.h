@@ -9,6 +9,7 @@ typedef unsigned long u64;
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 
 #define COM1 0x3f8

@@ -113,12 +113,14 @@ static int idle_wait(u32 deadline) {
 /* ~1 ms ticks: every wait gives up after 20 s. */
 #define WAIT_TICKS 20000
 
-static int vq_wait(struct vq *q, u32 *id, u32 *len) {
-    u32 deadline = tick_count + WAIT_TICKS;
+static int vq_wait_ticks(struct vq *q, u32 *id, u32 *len, u32 ticks) {
+    u32 deadline = tick_count + ticks;
     while (!vq_pop(q, id, len))
         if (!idle_wait(deadline)) return 0;
     return 1;
 }
+
+static int vq_wait(struct vq *q, u32 *id, u32 *len) { return vq_wait_ticks(q, id, len, WAIT_TICKS); }
 
 struct vdev {
     u64 base;
