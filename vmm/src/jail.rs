@@ -346,27 +346,20 @@ pub fn probe(target: &str) {
     let s = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     report("socket(AF_UNIX)", i64::from(s));
     if s >= 0 {
-        use std::os::unix::ffi::OsStrExt;
-        // SAFETY: sockaddr_un is plain old data; all zeroes is valid.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, b) in addr
-            .sun_path
-            .iter_mut()
-            .zip(std::ffi::OsStr::new(target).as_bytes())
-            .take(107)
-        {
-            *d = *b as libc::c_char;
+        match crate::devices::virtio::vsock::muxer::sockaddr_un(Path::new(target)) {
+            Ok(addr) => {
+                // SAFETY: connect with an initialised sockaddr_un and its size.
+                let rc = unsafe {
+                    libc::connect(
+                        s,
+                        (&raw const addr).cast(),
+                        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                    )
+                };
+                report(&format!("connect {target}"), i64::from(rc));
+            }
+            Err(e) => crate::log::warning!("jail-probe connect {target}: {e}"),
         }
-        // SAFETY: connect with an initialised sockaddr_un and its size.
-        let rc = unsafe {
-            libc::connect(
-                s,
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        report(&format!("connect {target}"), i64::from(rc));
         // SAFETY: closing the socket just created.
         unsafe { libc::close(s) };
     }

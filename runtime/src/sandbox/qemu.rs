@@ -59,14 +59,6 @@ pub struct QemuState {
     pub tap: Option<String>,
 }
 
-fn started(pid: i32, undo: &mut Rollback) -> Option<Proc> {
-    let p = Proc::of(pid);
-    if let Some(process) = p {
-        undo.push(Step::End { process });
-    }
-    p
-}
-
 impl SandboxBackend for QemuState {
     async fn start(
         spec: &StartSpec<'_>,
@@ -96,7 +88,7 @@ impl SandboxBackend for QemuState {
             .arg("--uds-path")
             .arg(&uds);
         let vsock_log = dir.join("vhost-device-vsock.log");
-        let vsock = started(spawn_detached(vsock_cmd, None, &vsock_log)?, undo);
+        let vsock = vm::started(spawn_detached(vsock_cmd, None, &vsock_log)?, undo);
         let deadline = Instant::now() + VSOCK_START;
         while !vhost_socket.exists() {
             if !vsock.is_some_and(|p| p.alive()) || Instant::now() >= deadline {
@@ -108,18 +100,7 @@ impl SandboxBackend for QemuState {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The share must exist before virtiofsd exports it; its mounts go
-        // after virtiofsd (steps run newest first).
-        undo.push(Step::TearDownShare {
-            dir: dir.to_path_buf(),
-        });
-        let share = Share::new(dir);
-        share.prepare()?;
-        let fs_socket = sockets.join("fs.sock");
-        let virtiofsd = started(
-            shared_fs::start_virtiofsd(&share, &fs_socket, &dir.join("virtiofsd.log"))?,
-            undo,
-        );
+        let (virtiofsd, fs_socket) = vm::start_share(dir, sockets, undo)?;
 
         let mut cfg = QemuConfig::new(
             kernel,
@@ -155,7 +136,7 @@ impl SandboxBackend for QemuState {
             mac: n.mac.clone(),
         });
         let netns = nic.as_ref().map(|n| n.netns.as_path());
-        let qemu = started(
+        let qemu = vm::started(
             spawn_detached(cfg.command(), netns, &dir.join(CONSOLE_LOG))?,
             undo,
         );

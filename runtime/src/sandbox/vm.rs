@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{LinuxContainerResources, LinuxPodSandboxConfig};
 
-use super::SandboxError;
+use super::shared_fs::{self, Share};
+use super::{Rollback, SandboxError, Step};
 use crate::config::Handler;
 use crate::process::Proc;
 
@@ -180,6 +181,41 @@ pub async fn wait_console_ready(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The process `pid` as started by a pod's creation: its end is journaled
+/// as an undo step.
+pub fn started(pid: i32, undo: &mut Rollback) -> Option<Proc> {
+    let p = Proc::of(pid);
+    if let Some(process) = p {
+        undo.push(Step::End { process });
+    }
+    p
+}
+
+/// virtiofsd's vhost-user socket in the sandbox's socket dir.
+pub const FS_SOCKET: &str = "fs.sock";
+/// virtiofsd's log in the sandbox dir.
+pub const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+
+/// The pod's share (CRI mounts) in the sandbox dir `dir`, exported by its
+/// own virtiofsd listening on `<sockets>/fs.sock` when this returns; both
+/// hypervisors' VMs connect to it. Returns virtiofsd and its socket.
+pub fn start_share(
+    dir: &Path,
+    sockets: &Path,
+    undo: &mut Rollback,
+) -> Result<(Option<Proc>, PathBuf), SandboxError> {
+    // The share must exist before virtiofsd exports it; its mounts go
+    // after virtiofsd (steps run newest first).
+    undo.push(Step::TearDownShare {
+        dir: dir.to_path_buf(),
+    });
+    let share = Share::new(dir);
+    share.prepare()?;
+    let socket = sockets.join(FS_SOCKET);
+    let pid = shared_fs::start_virtiofsd(&share, &socket, &dir.join(VIRTIOFSD_LOG))?;
+    Ok((started(pid, undo), socket))
 }
 
 #[cfg(test)]

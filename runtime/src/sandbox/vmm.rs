@@ -58,10 +58,6 @@ use vmpod_vmm::jail::JailConfig;
 
 /// The VMM's configuration file in the sandbox dir.
 pub const CONFIG_FILE: &str = "vmm.json";
-/// virtiofsd's vhost-user socket in the sandbox's socket dir.
-pub const FS_SOCKET: &str = "fs.sock";
-/// virtiofsd's log in the sandbox dir.
-pub const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 /// The jailed VMM's (empty) root in the sandbox dir.
 pub const JAIL_ROOT: &str = "jail";
 /// The VMM's stderr in the sandbox dir.
@@ -257,14 +253,21 @@ async fn control_async(
     request: ControlRequest,
 ) -> Result<serde_json::Value, VmmError> {
     let op = request.op();
-    tokio::task::spawn_blocking(move || control(&socket, &request))
-        .await
-        .unwrap_or_else(|e| {
-            Err(VmmError::Control(CallError::Refused {
-                op,
-                message: format!("the control thread failed: {e}"),
-            }))
-        })
+    on_control_thread(op, move || control(&socket, &request)).await
+}
+
+/// Runs a blocking control-socket exchange `call` (for `op`) off the async
+/// runtime.
+async fn on_control_thread(
+    op: &'static str,
+    call: impl FnOnce() -> Result<serde_json::Value, VmmError> + Send + 'static,
+) -> Result<serde_json::Value, VmmError> {
+    tokio::task::spawn_blocking(call).await.unwrap_or_else(|e| {
+        Err(VmmError::Control(CallError::Refused {
+            op,
+            message: format!("the control thread failed: {e}"),
+        }))
+    })
 }
 
 /// Attaches the disk at `path` read-only to block slot `slot`: the daemon
@@ -451,22 +454,7 @@ impl SandboxBackend for VmmState {
         });
         // As on QEMU: the pod's share, exported by its own virtiofsd, which
         // must listen before the VMM connects to it while it builds the VM.
-        // The share must exist before virtiofsd exports it; its mounts go
-        // after virtiofsd (steps run newest first).
-        undo.push(Step::TearDownShare {
-            dir: dir.to_path_buf(),
-        });
-        let share = Share::new(dir);
-        share.prepare()?;
-        let fs_socket = sockets.join(FS_SOCKET);
-        let virtiofsd = Proc::of(shared_fs::start_virtiofsd(
-            &share,
-            &fs_socket,
-            &dir.join(VIRTIOFSD_LOG),
-        )?);
-        if let Some(process) = virtiofsd {
-            undo.push(Step::End { process });
-        }
+        let (virtiofsd, fs_socket) = vm::start_share(dir, sockets, undo)?;
         let cfg = vmm_config(dir, sockets, spec.handler, nic.as_ref(), Some(&fs_socket))?;
         let pid = spawn_vmm(
             dir,
@@ -474,10 +462,7 @@ impl SandboxBackend for VmmState {
             nic.as_ref().map(|n| n.netns.as_path()),
             Some(spec.cgroup_parent),
         )?;
-        let vmm = Proc::of(pid);
-        if let Some(process) = vmm {
-            undo.push(Step::End { process });
-        }
+        let vmm = vm::started(pid, undo);
         // The pod cgroup holds only the VMM: bound its memory (guest RAM
         // plus the VMM's own) and its tasks (vCPU threads, the event loop,
         // the waiting parent, a few spare).
@@ -640,14 +625,7 @@ impl VmmState {
             }
         };
         let (socket, path) = (self.control_socket.clone(), image.erofs_path.clone());
-        tokio::task::spawn_blocking(move || attach_disk(&socket, slot, &path))
-            .await
-            .unwrap_or_else(|e| {
-                Err(VmmError::Control(CallError::Refused {
-                    op: "block_attach",
-                    message: format!("the control thread failed: {e}"),
-                }))
-            })?;
+        on_control_thread("block_attach", move || attach_disk(&socket, slot, &path)).await?;
         let serial = block_slot_serial(slot);
         self.image_disks.insert(image.id.clone(), serial.clone());
         tracing::info!(image = %image.id, slot, "image disk attached");

@@ -468,7 +468,6 @@ impl HybridMuxer {
     }
 
     fn connect_host(&self, port: u32) -> io::Result<UnixStream> {
-        use std::os::unix::ffi::OsStrExt;
         // A jailed VMM creates no sockets: guest connections to host ports
         // are refused (the agent only listens; the host always connects).
         if crate::jail::is_jailed() {
@@ -478,19 +477,7 @@ impl HybridMuxer {
             ));
         }
         let path = format!("{}_{}", self.uds_path.display(), port);
-        // SAFETY: sockaddr_un is plain old data; all zeroes is valid.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let bytes = std::ffi::OsStr::new(&path).as_bytes();
-        if bytes.len() >= addr.sun_path.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "socket path too long",
-            ));
-        }
-        for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-            *dst = *src as libc::c_char;
-        }
+        let addr = sockaddr_un(Path::new(&path))?;
         // Non-blocking connect: a unix listener with a full backlog answers
         // EAGAIN instead of stalling the VMM's event loop.
         // SAFETY: socket(2) with constant arguments; the result is checked.
@@ -519,6 +506,25 @@ impl HybridMuxer {
         }
         Ok(UnixStream::from(fd))
     }
+}
+
+/// The `sockaddr_un` of `path`; InvalidInput when it does not fit.
+pub(crate) fn sockaddr_un(path: &Path) -> io::Result<libc::sockaddr_un> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain old data; all zeroes is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(addr)
 }
 
 impl AsRawFd for HybridMuxer {
